@@ -1,0 +1,32 @@
+"""lightning-qat: quantization-aware training for PyTorch Lightning.
+
+The public API; everything a user imports comes from here.
+"""
+
+from lightning_qat.nn import QuantConv2d, QuantConvBn2d, QuantLinear
+from lightning_qat.prepare import find_conv_bn_pairs, prepare_qat, quantized_layers, quantizers
+from lightning_qat.quant import (
+    FakeQuantize,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    QuantConfig,
+    compute_qparams,
+    quant_range,
+)
+
+__all__ = [
+    "FakeQuantize",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantConvBn2d",
+    "QuantLinear",
+    "compute_qparams",
+    "find_conv_bn_pairs",
+    "prepare_qat",
+    "quant_range",
+    "quantized_layers",
+    "quantizers",
+]
+__version__ = "0.1.0"

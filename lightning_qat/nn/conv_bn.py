@@ -1,0 +1,127 @@
+"""`QuantConvBn2d`: Conv2d + BatchNorm2d trained with BatchNorm folded into the weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat.nn.conv import conv2d_kwargs
+from lightning_qat.quant import FakeQuantize, QuantConfig
+
+
+class QuantConvBn2d(nn.Conv2d):
+    """Convolution with BatchNorm folded in, as the integer model will run it.
+
+    Krishnamoorthi 2018 (arXiv 1806.08342), section 3.2.2 and figures 8-9; Jacob et al.
+    2018, section 3.2. With ``γ, β, μ, σ² `` the BatchNorm parameters and statistics,
+    ``σ = sqrt(σ² + eps)`` and ``f = γ / σ_running`` per output channel:
+
+    - the weights are folded with the *running* statistics before quantization,
+      ``w_fold = w · f``, and quantized (per channel): ``Q(w_fold)``;
+    - before the BN freeze, in training: the output is corrected to batch statistics,
+      ``y = (σ_running / σ_batch) · conv(x, Q(w_fold)) + (β - γ μ_batch / σ_batch)``,
+      and the running statistics are updated;
+    - after the freeze, and in eval: running statistics only,
+      ``y = conv(x, Q(w_fold)) + (β - γ μ_running / σ_running)``: exactly what the
+      integer model computes (conv bias ``b``, if any, folds in as ``+ (b - μ) · f``).
+
+    The batch statistics are those of ``z = conv(x, Q(w_fold)) / f + b``, i.e. of the
+    float convolution up to weight-quantization error, and ``BN_batch(z)`` is the corrected
+    output above (algebra: ``γ (z - μ_B) / σ_B + β``). So the correction costs one
+    convolution, not the two of figure 8 (torch.ao's ``ConvBn2d`` does the same), and the
+    statistics run through the ``bn`` submodule itself, so its momentum, its running
+    statistics and ``SyncBatchNorm`` (DDP with ``sync_batchnorm``) work unchanged.
+
+    ``bn`` is the original BatchNorm2d module, held with its Parameters and buffers.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        bn: nn.BatchNorm2d | None = None,
+        config: QuantConfig | None = None,
+        quantize_input: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        config = config or QuantConfig()
+        self.bn = (
+            bn
+            if bn is not None
+            else nn.BatchNorm2d(
+                self.out_channels, device=self.weight.device, dtype=self.weight.dtype
+            )
+        )
+        if not self.bn.track_running_stats:
+            raise ValueError(
+                "QuantConvBn2d folds running statistics: BatchNorm2d needs track_running_stats=True"
+            )
+        if self.bn.num_features != self.out_channels:
+            raise ValueError(
+                f"BatchNorm2d has {self.bn.num_features} features but the conv "
+                f"has {self.out_channels} output channels"
+            )
+        self.activation_quantizer = FakeQuantize.for_activations(config).enable_fake_quant(
+            quantize_input
+        )
+        self.weight_quantizer = FakeQuantize.for_weights(config, self.out_channels)
+        self.activation_quantizer.to(self.weight.device)
+        self.weight_quantizer.to(self.weight.device)
+        self.bn_frozen = False
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, config: QuantConfig, quantize_input: bool = True
+    ) -> QuantConvBn2d:
+        """A `QuantConvBn2d` holding the very same Parameters of ``conv`` and module ``bn``."""
+        new = cls(**conv2d_kwargs(conv), bn=bn, config=config, quantize_input=quantize_input)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def freeze_bn(self, frozen: bool = True) -> QuantConvBn2d:
+        """Stop (or resume) batch statistics: use and keep the running ones."""
+        self.bn_frozen = frozen
+        return self
+
+    def fold_factor(self) -> torch.Tensor:
+        """``f = γ / sqrt(σ²_running + eps)`` per output channel."""
+        bn = self.bn
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        return inv_std if bn.weight is None else bn.weight * inv_std
+
+    def folded_bias(self, factor: torch.Tensor) -> torch.Tensor:
+        """``β + (b - μ_running) · f``, the bias of the folded convolution."""
+        bn = self.bn
+        shift = -bn.running_mean if self.bias is None else self.bias - bn.running_mean
+        bias = shift * factor
+        return bias if bn.bias is None else bias + bn.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = self.fold_factor()
+        x = self.activation_quantizer(x)
+        weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
+        if self.training and not self.bn_frozen:
+            y = self._conv_forward(x, weight, None)
+            # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite
+            # and BN then outputs β, as the float Conv->BN would.
+            safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+            z = y / safe.reshape(1, -1, 1, 1)
+            if self.bias is not None:
+                z = z + self.bias.reshape(1, -1, 1, 1)
+            # z is float32 (the correction is computed in float32 under autocast too);
+            # return the conv's dtype, as a float Conv->BN would.
+            return self.bn(z).to(y.dtype)
+        return self._conv_forward(x, weight, self.folded_bias(factor))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bn_frozen": self.bn_frozen}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bn_frozen = bool(state["bn_frozen"])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bn_frozen={self.bn_frozen}"

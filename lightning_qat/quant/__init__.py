@@ -1,0 +1,16 @@
+"""Quantization numerics, pure torch: config, formulas, observers, fake quantizers."""
+
+from lightning_qat.quant.config import QuantConfig
+from lightning_qat.quant.fake_quantize import FakeQuantize
+from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
+from lightning_qat.quant.qparams import MIN_SCALE, compute_qparams, quant_range
+
+__all__ = [
+    "MIN_SCALE",
+    "FakeQuantize",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "QuantConfig",
+    "compute_qparams",
+    "quant_range",
+]

@@ -1,0 +1,139 @@
+"""`FakeQuantize`: simulated quantization with a straight-through gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat.quant.config import QuantConfig
+from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
+from lightning_qat.quant.qparams import compute_qparams, quant_range
+
+
+class FakeQuantize(nn.Module):
+    """Quantize and dequantize in float: ``x_hat = s * (clamp(round(x / s) + z, qmin, qmax) - z)``.
+
+    The forward pass rounds as the integer model will; the backward pass is the
+    straight-through estimator, gradient 1 inside the clamp range and 0 outside
+    (Jacob et al. 2018 section 3; Bengio et al. 2013), computed by torch's fused kernels
+    ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``.
+
+    ``scale`` (float32) and ``zero_point`` (int32) are buffers, 0-d per tensor or 1-d per
+    channel; the switches ``fake_quant_enabled`` and ``observer_enabled`` travel in
+    ``state_dict`` as extra state. Computation is in float32 whatever the input dtype
+    (a bf16 grid cannot hold 256 levels at every scale, so under bf16/fp16 autocast the
+    rounding must not happen in bf16); the result is returned in the input's dtype.
+
+    The observer updates the range only in training mode, except where
+    ``observe_in_eval`` is set: a weight range is a pure function of the current weights,
+    so recomputing it in eval keeps the scale in step with the last optimizer update,
+    whereas an activation range is a running statistic of the training data and must not
+    move during validation.
+    """
+
+    def __init__(
+        self,
+        observer: MovingAverageMinMaxObserver,
+        bits: int = 8,
+        symmetric: bool = True,
+        observe_in_eval: bool = False,
+    ):
+        super().__init__()
+        self.observer = observer
+        self.bits = bits
+        self.symmetric = symmetric
+        self.quant_min, self.quant_max = quant_range(bits, symmetric)
+        self.observe_in_eval = observe_in_eval
+        shape = observer.min_val.shape
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+
+    @classmethod
+    def for_weights(cls, config: QuantConfig, num_channels: int) -> FakeQuantize:
+        """Weight quantizer: range of the current weights, per output channel (axis 0)
+        when ``config.per_channel``."""
+        observer = MinMaxObserver(num_channels if config.per_channel else None, ch_axis=0)
+        return cls(observer, config.weight_bits, config.symmetric, observe_in_eval=True)
+
+    @classmethod
+    def for_activations(cls, config: QuantConfig) -> FakeQuantize:
+        """Activation quantizer: per tensor, EMA or current-batch min/max."""
+        if config.observer == "ema":
+            observer = MovingAverageMinMaxObserver(config.ema_momentum)
+        else:
+            observer = MinMaxObserver()
+        return cls(observer, config.activation_bits, config.symmetric)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.dim() == 1
+
+    @property
+    def ch_axis(self) -> int:
+        return self.observer.ch_axis
+
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantize:
+        self.fake_quant_enabled = enabled
+        return self
+
+    def enable_observer(self, enabled: bool = True) -> FakeQuantize:
+        self.observer_enabled = enabled
+        return self
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        """Recompute ``scale`` and ``zero_point`` from the observer's range."""
+        scale, zero_point = compute_qparams(
+            self.observer.min_val,
+            self.observer.max_val,
+            self.quant_min,
+            self.quant_max,
+            self.symmetric,
+        )
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        observing = self.observer_enabled and (self.training or self.observe_in_eval)
+        if not (observing or self.fake_quant_enabled):
+            return x
+        if observing:
+            self.observer(x)
+            self.update_qparams()
+        if not self.fake_quant_enabled:
+            return x
+        x32 = x.float()
+        if self.per_channel:
+            out = torch.fake_quantize_per_channel_affine(
+                x32, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+            )
+        else:
+            out = torch.fake_quantize_per_tensor_affine(
+                x32, self.scale, self.zero_point, self.quant_min, self.quant_max
+            )
+        return out.to(x.dtype)
+
+    # The switches are plain attributes (no host sync to read them on an accelerator);
+    # extra state carries them through state_dict and checkpoints.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "fake_quant_enabled": self.fake_quant_enabled,
+            "observer_enabled": self.observer_enabled,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+        self.observer_enabled = bool(state["observer_enabled"])
+
+    def extra_repr(self) -> str:
+        scheme = "symmetric" if self.symmetric else "asymmetric"
+        granularity = "per_channel" if self.per_channel else "per_tensor"
+        return (
+            f"bits={self.bits}, {scheme}, {granularity}, "
+            f"range=[{self.quant_min}, {self.quant_max}], "
+            f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
+        )

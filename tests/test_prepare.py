@@ -1,0 +1,194 @@
+"""prepare_qat: pair finding, in-place conversion, Parameter identity, forward untouched."""
+
+import inspect
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_qat import (
+    QuantConfig,
+    QuantConv2d,
+    QuantConvBn2d,
+    QuantLinear,
+    find_conv_bn_pairs,
+    prepare_qat,
+    quantizers,
+)
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 1),  # no BN after it
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+class AttributeNet(nn.Module):
+    """forward uses attributes, the BN of conv_b is declared far from its conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        self.bn_b = nn.BatchNorm2d(8)
+
+    def forward(self, x, *, scale: float = 1.0):
+        x = torch.relu(self.bn_a(self.conv_a(x)))
+        x = torch.relu(self.bn_b(self.conv_b(x))) + x
+        return self.fc(x.mean((2, 3))) * scale
+
+
+class BranchyNet(AttributeNet):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = self.bn_a(self.conv_a(x))
+        if x.sum() > 0:
+            x = x + 1
+        x = self.block(self.bn_b(self.conv_b(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_sequential_pairs_fold_and_the_rest_is_quantized():
+    model = prepare_qat(small_cnn(), QuantConfig())
+    kinds = [type(m) for m in model]
+    assert kinds[0] is QuantConvBn2d and kinds[1] is nn.Identity
+    assert kinds[3] is QuantConvBn2d and kinds[4] is nn.Identity
+    assert kinds[6] is QuantConv2d and kinds[9] is QuantLinear
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_unfolded_keeps_float_batchnorm():
+    model = prepare_qat(small_cnn(), QuantConfig(bn_fold=False))
+    assert type(model[0]) is QuantConv2d and type(model[1]) is nn.BatchNorm2d
+
+
+def test_attribute_model_pairs_found_by_tracing_and_forward_untouched():
+    model = AttributeNet()
+    forward, signature = type(model).forward, inspect.signature(model.forward)
+    assert find_conv_bn_pairs(model) == [("conv_a", "bn_a"), ("conv_b", "bn_b")]
+    prepare_qat(model, QuantConfig())
+    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_b, nn.Identity)
+    assert type(model).forward is forward and "forward" not in vars(model)
+    assert inspect.signature(model.forward) == signature
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x, scale=2.0), 2 * model(x))  # keyword arguments reach it
+
+
+def test_untraceable_model_warns_and_folds_only_inside_sequential():
+    with pytest.warns(UserWarning, match=r"BranchyNet does not trace.*fuse_pairs"):
+        model = prepare_qat(BranchyNet(), QuantConfig())
+    assert isinstance(model.block[0], QuantConvBn2d)  # Sequential: order is known
+    assert isinstance(model.conv_a, QuantConv2d) and isinstance(model.bn_a, nn.BatchNorm2d)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_explicit_pairs_fold_an_untraceable_model():
+    model = prepare_qat(BranchyNet(), QuantConfig(), fuse_pairs=[("conv_a", "bn_a")])
+    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_a, nn.Identity)
+    assert isinstance(model.conv_b, QuantConv2d) and isinstance(model.bn_b, nn.BatchNorm2d)
+
+
+def test_bad_explicit_pair_is_rejected():
+    with pytest.raises(ValueError, match=r"\('conv_a', 'fc'\) is not a float Conv2d"):
+        prepare_qat(AttributeNet(), QuantConfig(), fuse_pairs=[("conv_a", "fc")])
+
+
+def test_excluded_layers_stay_float():
+    model = prepare_qat(AttributeNet(), QuantConfig(exclude=("fc", "conv_b")))
+    assert type(model.fc) is nn.Linear and type(model.conv_b) is nn.Conv2d
+    assert type(model.bn_b) is nn.BatchNorm2d and isinstance(model.conv_a, QuantConvBn2d)
+
+
+def test_nothing_to_quantize_is_an_error():
+    with pytest.raises(ValueError, match=r"nothing to quantize.*exclude=\['\*'\]"):
+        prepare_qat(small_cnn(), QuantConfig(exclude=("*",)))
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        prepare_qat(nn.Sequential(nn.ReLU()), QuantConfig())
+
+
+def test_first_layer_input_float_unless_asked():
+    model = prepare_qat(AttributeNet(), QuantConfig())
+    assert model.conv_a.activation_quantizer.fake_quant_enabled is False
+    assert model.conv_b.activation_quantizer.fake_quant_enabled is True
+    model = prepare_qat(AttributeNet(), QuantConfig(quantize_first_input=True))
+    assert model.conv_a.activation_quantizer.fake_quant_enabled is True
+
+
+def test_quantizers_are_named_after_their_layer():
+    model = prepare_qat(small_cnn(), QuantConfig())
+    names = {q.observer.name for _, q in quantizers(model)}
+    assert "9.weight_quantizer" in names and "0.activation_quantizer" in names
+
+
+def test_parameters_are_the_same_objects_and_the_optimizer_carries_on():
+    model = small_cnn()
+    params = {id(p) for p in model.parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, target = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), target).backward()
+    optimizer.step()
+    prepare_qat(model, QuantConfig())
+    assert {id(p) for p in model.parameters()} == params
+    assert all(id(p) in params for p in optimizer.state)
+    before = model[0].weight.detach().clone()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), target).backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)  # the old optimizer updates the QAT model
+
+
+def test_state_dict_round_trip_of_a_converted_model():
+    config = QuantConfig(symmetric=False, weight_bits=4)
+    a = prepare_qat(small_cnn(), config)
+    for _ in range(3):
+        a(torch.randn(4, 3, 8, 8))
+    a[0].freeze_bn()
+    a[6].activation_quantizer.enable_observer(False)
+    b = prepare_qat(small_cnn(), config)
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(a(x), b(x))
+    assert b[0].bn_frozen and not b[3].bn_frozen
+    assert b[6].activation_quantizer.observer_enabled is False
+    assert torch.equal(a[6].activation_quantizer.scale, b[6].activation_quantizer.scale)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_convert_and_train(name):
+    model = getattr(torchvision.models, name)(num_classes=10)
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    params = {id(p) for p in model.parameters()}
+    prepare_qat(model, QuantConfig())
+    unfolded = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and not n.endswith(".bn")
+    ]
+    assert unfolded == []
+    assert (
+        sum(isinstance(m, QuantConvBn2d) for m in model.modules()) == n_conv
+    )  # every conv has a BN
+    assert {id(p) for p in model.parameters()} == params
+    y = model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
