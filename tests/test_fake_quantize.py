@@ -105,3 +105,22 @@ def test_bf16_input_is_quantized_in_float32_and_returned_in_bf16():
         x.float(), fq.scale, fq.zero_point, fq.quant_min, fq.quant_max
     ).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_tensor_path_equals_torch_public_op_forward_and_backward(symmetric):
+    fq = FakeQuantize.for_activations(QuantConfig(symmetric=symmetric, observer="minmax"))
+    fq(torch.randn(1000))
+    fq.enable_observer(False)
+    x = (torch.randn(4, 8, 5, 5) * 4).to(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(4, 8, 5, 5)
+    out = fq(x)
+    ref = torch.fake_quantize_per_tensor_affine(
+        x_ref, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max
+    )
+    assert torch.equal(out, ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert 0 < (x.grad == 0).sum() < x.numel()  # some elements were clipped, some were not

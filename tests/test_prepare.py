@@ -192,3 +192,21 @@ def test_torchvision_models_convert_and_train(name):
     y.sum().backward()
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class SharedOutputNet(nn.Module):
+    """The conv output is read by the BN and by a skip connection: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_conv_whose_output_is_also_read_elsewhere_is_not_folded():
+    model = prepare_qat(SharedOutputNet(), QuantConfig())
+    assert type(model.conv) is QuantConv2d and type(model.bn) is nn.BatchNorm2d

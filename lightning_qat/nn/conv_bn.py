@@ -101,21 +101,26 @@ class QuantConvBn2d(nn.Conv2d):
         return bias if bn.bias is None else bias + bn.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factor = self.fold_factor()
         x = self.activation_quantizer(x)
+        if not self.training or self.bn_frozen:
+            factor = self.fold_factor()
+            weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
+            return self._conv_forward(x, weight, self.folded_bias(factor))
+        # Before the freeze, z = conv(x, Q(w·f)) / f equals conv(x, w) in float arithmetic,
+        # whatever γ is: the fold and the division cancel. So f is a constant for autograd
+        # here; γ gets its gradient through BN alone, as in the float Conv->BN, and the
+        # division's gradient (two full-size passes per layer) is never computed.
+        factor = self.fold_factor().detach()
         weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
-        if self.training and not self.bn_frozen:
-            y = self._conv_forward(x, weight, None)
-            # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite
-            # and BN then outputs β, as the float Conv->BN would.
-            safe = torch.where(factor == 0, torch.ones_like(factor), factor)
-            z = y / safe.reshape(1, -1, 1, 1)
-            if self.bias is not None:
-                z = z + self.bias.reshape(1, -1, 1, 1)
-            # z is float32 (the correction is computed in float32 under autocast too);
-            # return the conv's dtype, as a float Conv->BN would.
-            return self.bn(z).to(y.dtype)
-        return self._conv_forward(x, weight, self.folded_bias(factor))
+        y = self._conv_forward(x, weight, None)
+        # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite and BN
+        # then outputs β, as the float Conv->BN would.
+        inv_factor = 1 / torch.where(factor == 0, torch.ones_like(factor), factor)
+        # In place: the convolution's backward does not need its output.
+        z = y.mul_(inv_factor.reshape(1, -1, 1, 1).to(y.dtype))
+        if self.bias is not None:
+            z = z + self.bias.reshape(1, -1, 1, 1).to(z.dtype)
+        return self.bn(z)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"bn_frozen": self.bn_frozen}

@@ -12,13 +12,41 @@ from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObse
 from lightning_qat.quant.qparams import compute_qparams, quant_range
 
 
+class _PerTensorFakeQuant(torch.autograd.Function):
+    """Per-tensor fake quantization whose backward is one masked select.
+
+    Forward is torch's fused kernel (the one behind ``torch.fake_quantize_per_tensor_affine``
+    with tensor qparams), which also returns the in-range mask. torch's own backward casts
+    the bool mask to float and multiplies (two full-size passes and two allocations per
+    activation); ``torch.where(mask, grad, 0)`` is one. ``bench/qat_overhead.py`` measures
+    the training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max):  # type: ignore[override]
+        out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale, zero_point, _ENABLED, quant_min, quant_max
+        )
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None
+
+
+_ENABLED = torch.ones(1, dtype=torch.uint8)  # the kernel's "fake quant enabled" flag
+
+
 class FakeQuantize(nn.Module):
     """Quantize and dequantize in float: ``x_hat = s * (clamp(round(x / s) + z, qmin, qmax) - z)``.
 
     The forward pass rounds as the integer model will; the backward pass is the
     straight-through estimator, gradient 1 inside the clamp range and 0 outside
     (Jacob et al. 2018 section 3; Bengio et al. 2013), computed by torch's fused kernels
-    ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``.
+    (those of ``torch.fake_quantize_per_tensor_affine`` and
+    ``torch.fake_quantize_per_channel_affine``).
 
     ``scale`` (float32) and ``zero_point`` (int32) are buffers, 0-d per tensor or 1-d per
     channel; the switches ``fake_quant_enabled`` and ``observer_enabled`` travel in
@@ -112,7 +140,7 @@ class FakeQuantize(nn.Module):
                 x32, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
             )
         else:
-            out = torch.fake_quantize_per_tensor_affine(
+            out = _PerTensorFakeQuant.apply(
                 x32, self.scale, self.zero_point, self.quant_min, self.quant_max
             )
         return out.to(x.dtype)

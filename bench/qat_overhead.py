@@ -1,0 +1,152 @@
+"""Training-step time of NIN with QAT, as a ratio to the FP32 step, measured in one run.
+
+    python bench/qat_overhead.py                 # NIN, batch 128, channels_last, SGD
+    python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
+
+Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN; torch.ao
+eager QAT (fused ConvBnReLU2d, default fbgemm QAT qconfig) where torch still ships it.
+The variants are timed round-robin (one step of each per round) so that load on this
+shared machine hits them alike, and the median step per variant is reported.
+
+Allocator: glibc hands out tensors above 32 MB (NIN's activations at batch 128 are
+80 MB) as fresh mmaps and zero-fills their pages on first touch, every step; that cost
+grows with the number of large tensors, not with the arithmetic. ``--malloc both`` (the
+default) times the variants under the system setting and again with glibc told to
+reuse memory (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``, a setting any user can
+export), each in a fresh process, and prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_qat import QuantConfig, prepare_qat
+from lightning_qat.models import NIN, NIN_WIDTHS
+
+
+def torch_ao_qat(model: nn.Sequential) -> nn.Module | None:
+    """torch.ao eager-mode QAT of a Sequential NIN, or None where torch no longer ships it."""
+    try:
+        from torch.ao import quantization as ao
+    except ImportError:
+        return None
+    groups = [
+        [str(i), str(i + 1), str(i + 2)] for i, m in enumerate(model) if isinstance(m, nn.Conv2d)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        model = ao.fuse_modules_qat(model.train(), groups)
+        model.qconfig = ao.get_default_qat_qconfig("fbgemm")
+        return ao.prepare_qat(model)
+
+
+def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:
+    def ours(symmetric: bool, bn_fold: bool) -> Callable[[], nn.Module]:
+        return lambda: prepare_qat(
+            NIN(widths=widths), QuantConfig(symmetric=symmetric, bn_fold=bn_fold)
+        )
+
+    return {
+        "FP32": lambda: NIN(widths=widths),
+        "ours sym folded": ours(True, True),
+        "ours sym unfolded": ours(True, False),
+        "ours asym folded": ours(False, True),
+        "ours asym unfolded": ours(False, False),
+        "torch.ao eager QAT": lambda: torch_ao_qat(NIN(widths=widths)),
+    }
+
+
+def make_step(model: nn.Module, batch_size: int) -> Callable[[], None]:
+    model = model.train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+#: glibc settings that keep freed memory for reuse instead of returning it to the OS.
+REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
+    parser.add_argument(
+        "--malloc",
+        choices=["both", "system", "reuse", "current"],
+        default="both",
+        help="allocator setting(s) to time under, each in a fresh process",
+    )
+    args = parser.parse_args(argv)
+    if args.malloc == "current":
+        measure(args)
+        return
+    settings = ["system", "reuse"] if args.malloc == "both" else [args.malloc]
+    rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--malloc")]
+    for setting in settings:
+        env = {k: v for k, v in os.environ.items() if k not in REUSE_MALLOC}
+        if setting == "reuse":
+            env.update(REUSE_MALLOC)
+        label = "glibc malloc, reusing memory" if setting == "reuse" else "system malloc"
+        print(f"\n## {label}", flush=True)
+        subprocess.run(
+            [sys.executable, __file__, *rest, "--malloc", "current"], env=env, check=True
+        )
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    widths = tuple(max(4, w // 16) for w in NIN_WIDTHS) if args.quick else NIN_WIDTHS
+    batch_size = 8 if args.quick else args.batch_size
+
+    torch.manual_seed(0)
+    steps = {}
+    for name, build in variants(widths).items():
+        model = build()
+        if model is None:
+            print(f"{name}: not shipped by torch {torch.__version__}, skipped")
+            continue
+        steps[name] = make_step(model, batch_size)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"NIN training step, batch {batch_size}, channels_last, SGD, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"median of {args.rounds} rounds"
+    )
+    print("| variant | step (ms) | ratio to FP32 |")
+    print("|---|---:|---:|")
+    for name, seconds in median.items():
+        print(f"| {name} | {seconds * 1e3:.0f} | {seconds / median['FP32']:.2f}x |")
+    return {name: seconds / median["FP32"] for name, seconds in median.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmark and the demo run end to end (small settings)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/qat_overhead.py",
+            "--quick",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--malloc",
+            "current",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for variant in (
+        "FP32",
+        "ours sym folded",
+        "ours sym unfolded",
+        "ours asym folded",
+        "ours asym unfolded",
+        "torch.ao eager QAT",
+    ):
+        assert f"| {variant} |" in out, out
+    assert "| FP32 | " in out and "| 1.00x |" in out
+
+
+def test_digits_demo_quantized_model_keeps_its_accuracy():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from digits_qat import main
+    finally:
+        sys.path.pop(0)
+    results = main(["--fp32-epochs", "6", "--qat-epochs", "3"])
+    assert results["fp32"] > 0.9
+    assert results["qat"] > 0.9
+    assert results["qat"] > results["fp32"] - 0.03
