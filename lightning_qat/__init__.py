@@ -3,7 +3,7 @@
 The public API; everything a user imports comes from here.
 """
 
-from lightning_qat.nn import QuantConv2d, QuantConvBn2d, QuantLinear
+from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
 from lightning_qat.prepare import find_conv_bn_pairs, prepare_qat, quantized_layers, quantizers
 from lightning_qat.quant import (
     FakeQuantize,
@@ -16,6 +16,7 @@ from lightning_qat.quant import (
 
 __all__ = [
     "FakeQuantize",
+    "FoldedBatchNorm2d",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "QuantConfig",

@@ -11,10 +11,19 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lightning_qat.nn import QUANTIZED_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear
+from lightning_qat.nn import (
+    QUANTIZED_LAYERS,
+    FoldedBatchNorm2d,
+    QuantConv2d,
+    QuantConvBn2d,
+    QuantLinear,
+)
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
+#: What can be folded: BatchNorm2d, and SyncBatchNorm (Lightning's sync_batchnorm=True
+#: converts BatchNorm2d to it before training starts).
+FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def _is_float_layer(module: nn.Module) -> bool:
@@ -27,7 +36,7 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
-        type(bn) is nn.BatchNorm2d  # not SyncBatchNorm or subclasses with other semantics
+        type(bn) in FOLDABLE_BN  # not subclasses, whose forward may differ
         and bn.track_running_stats
         and _is_float_layer(conv)
         and isinstance(conv, nn.Conv2d)
@@ -48,7 +57,7 @@ def _trace_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
     order = list(dict.fromkeys(n.target for n in calls if _is_float_layer(modules[n.target])))
     pairs = []
     for node in calls:
-        if not isinstance(modules[node.target], nn.BatchNorm2d) or not node.args:
+        if not isinstance(modules[node.target], FOLDABLE_BN) or not node.args:
             continue
         src = node.args[0]
         if (
@@ -128,10 +137,11 @@ def prepare_qat(
 ) -> nn.Module:
     """Convert ``model`` in place to fake-quant layers and return it.
 
-    - Conv2d followed by BatchNorm2d becomes `QuantConvBn2d` (BN folded, the BN module
-      replaced by ``nn.Identity``) when ``config.bn_fold``, else `QuantConv2d` with the
-      float BN kept; other Conv2d become `QuantConv2d`, Linear becomes `QuantLinear`.
-    - The new layers hold the very same Parameter objects (and the same BN module), so an
+    - Conv2d followed by BatchNorm2d becomes `QuantConvBn2d` (BN folded) when
+      ``config.bn_fold``, the BatchNorm replaced by a pass-through `FoldedBatchNorm2d`
+      holding its Parameters and statistics under the same names; else `QuantConv2d` with
+      the float BN kept. Other Conv2d become `QuantConv2d`, Linear becomes `QuantLinear`.
+    - The new layers hold the very same Parameter objects, in the same order, so an
       optimizer built before conversion, its momentum and its LR scheduler carry on.
     - The model's ``forward`` is not touched: only submodules are swapped.
     - The first quantized layer (in call order) keeps a float input unless
@@ -180,8 +190,9 @@ def prepare_qat(
         layer = modules[name]
         quantize_input = index > 0 or config.quantize_first_input
         if name in bn_of:
-            new = QuantConvBn2d.from_float(layer, modules[bn_of[name]], config, quantize_input)
-            _set_submodule(model, bn_of[name], nn.Identity())
+            folded = FoldedBatchNorm2d(modules[bn_of[name]])
+            _set_submodule(model, bn_of[name], folded)
+            new = QuantConvBn2d.from_float(layer, folded, config, quantize_input)
         elif isinstance(layer, nn.Conv2d):
             new = QuantConv2d.from_float(layer, config, quantize_input)
         else:

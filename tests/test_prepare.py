@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from lightning_qat import (
+    FoldedBatchNorm2d,
     QuantConfig,
     QuantConv2d,
     QuantConvBn2d,
@@ -68,8 +69,8 @@ class BranchyNet(AttributeNet):
 def test_sequential_pairs_fold_and_the_rest_is_quantized():
     model = prepare_qat(small_cnn(), QuantConfig())
     kinds = [type(m) for m in model]
-    assert kinds[0] is QuantConvBn2d and kinds[1] is nn.Identity
-    assert kinds[3] is QuantConvBn2d and kinds[4] is nn.Identity
+    assert kinds[0] is QuantConvBn2d and kinds[1] is FoldedBatchNorm2d
+    assert kinds[3] is QuantConvBn2d and kinds[4] is FoldedBatchNorm2d
     assert kinds[6] is QuantConv2d and kinds[9] is QuantLinear
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
@@ -84,7 +85,7 @@ def test_attribute_model_pairs_found_by_tracing_and_forward_untouched():
     forward, signature = type(model).forward, inspect.signature(model.forward)
     assert find_conv_bn_pairs(model) == [("conv_a", "bn_a"), ("conv_b", "bn_b")]
     prepare_qat(model, QuantConfig())
-    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_b, nn.Identity)
+    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_b, FoldedBatchNorm2d)
     assert type(model).forward is forward and "forward" not in vars(model)
     assert inspect.signature(model.forward) == signature
     x = torch.randn(2, 3, 8, 8)
@@ -101,7 +102,7 @@ def test_untraceable_model_warns_and_folds_only_inside_sequential():
 
 def test_explicit_pairs_fold_an_untraceable_model():
     model = prepare_qat(BranchyNet(), QuantConfig(), fuse_pairs=[("conv_a", "bn_a")])
-    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_a, nn.Identity)
+    assert isinstance(model.conv_a, QuantConvBn2d) and isinstance(model.bn_a, FoldedBatchNorm2d)
     assert isinstance(model.conv_b, QuantConv2d) and isinstance(model.bn_b, nn.BatchNorm2d)
 
 
@@ -210,3 +211,41 @@ class SharedOutputNet(nn.Module):
 def test_conv_whose_output_is_also_read_elsewhere_is_not_folded():
     model = prepare_qat(SharedOutputNet(), QuantConfig())
     assert type(model.conv) is QuantConv2d and type(model.bn) is nn.BatchNorm2d
+
+
+def test_parameter_order_and_batchnorm_keys_survive_conversion():
+    """AttributeNet registers conv_b before bn_a: an optimizer built after conversion (as
+    on resume) must index its state like one built before."""
+    model = AttributeNet()
+    names = [n for n, _ in model.named_parameters()]
+    float_keys = set(model.state_dict())
+    prepare_qat(model, QuantConfig())
+    assert [n for n, _ in model.named_parameters()] == names
+    assert float_keys <= set(model.state_dict())
+    assert {"bn_a.running_mean", "bn_b.num_batches_tracked"} <= float_keys
+
+
+def test_float_checkpoint_loads_into_converted_model_leaving_only_quantizer_keys():
+    float_model = small_cnn()
+    qat_model = prepare_qat(small_cnn(), QuantConfig())
+    missing, unexpected = qat_model.load_state_dict(float_model.state_dict(), strict=False)
+    assert unexpected == []
+    assert all("quantizer" in k or k.endswith("_extra_state") for k in missing)
+    assert torch.equal(qat_model[1].running_var, float_model[1].running_var)
+
+
+def test_sync_batchnorm_is_folded_and_conversion_to_sync_leaves_folded_layers_alone():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(small_cnn())
+    prepare_qat(model, QuantConfig())
+    assert isinstance(model[0], QuantConvBn2d) and model[1].sync
+    again = prepare_qat(small_cnn(), QuantConfig())
+    nn.SyncBatchNorm.convert_sync_batchnorm(again)
+    assert type(again[1]) is FoldedBatchNorm2d and again[0].bn is again[1]
+
+
+def test_deepcopy_keeps_the_folded_layer_pointing_at_its_own_batchnorm():
+    import copy
+
+    model = prepare_qat(small_cnn(), QuantConfig())
+    clone = copy.deepcopy(model)
+    assert clone[0].bn is clone[1] and clone[1] is not model[1]

@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_qat.nn.conv import conv2d_kwargs
+from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
@@ -30,34 +32,33 @@ class QuantConvBn2d(nn.Conv2d):
     The batch statistics are those of ``z = conv(x, Q(w_fold)) / f + b``, i.e. of the
     float convolution up to weight-quantization error, and ``BN_batch(z)`` is the corrected
     output above (algebra: ``γ (z - μ_B) / σ_B + β``). So the correction costs one
-    convolution, not the two of figure 8 (torch.ao's ``ConvBn2d`` does the same), and the
-    statistics run through the ``bn`` submodule itself, so its momentum, its running
-    statistics and ``SyncBatchNorm`` (DDP with ``sync_batchnorm``) work unchanged.
+    convolution, not the two of figure 8 (torch.ao's ``ConvBn2d`` does the same).
 
-    ``bn`` is the original BatchNorm2d module, held with its Parameters and buffers.
+    ``bn`` is the `FoldedBatchNorm2d` holding the BatchNorm's Parameters and statistics.
+    After `prepare_qat` it stays registered where the BatchNorm stood (same state_dict
+    keys, same parameter order) and this layer only refers to it; a layer built on its own
+    (``QuantConvBn2d(...)`` or ``from_float`` with a plain BatchNorm2d) owns it as a child.
     """
 
     def __init__(
         self,
         *args: Any,
-        bn: nn.BatchNorm2d | None = None,
+        bn: FoldedBatchNorm2d | _BatchNorm | None = None,
         config: QuantConfig | None = None,
         quantize_input: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         config = config or QuantConfig()
-        self.bn = (
-            bn
-            if bn is not None
-            else nn.BatchNorm2d(
+        if bn is None:
+            bn = nn.BatchNorm2d(
                 self.out_channels, device=self.weight.device, dtype=self.weight.dtype
             )
-        )
-        if not self.bn.track_running_stats:
-            raise ValueError(
-                "QuantConvBn2d folds running statistics: BatchNorm2d needs track_running_stats=True"
-            )
+        if isinstance(bn, FoldedBatchNorm2d):
+            # Registered elsewhere (where the BatchNorm stood): refer to it, don't own it.
+            object.__setattr__(self, "bn", bn)
+        else:
+            self.bn = FoldedBatchNorm2d(bn)
         if self.bn.num_features != self.out_channels:
             raise ValueError(
                 f"BatchNorm2d has {self.bn.num_features} features but the conv "
@@ -73,9 +74,13 @@ class QuantConvBn2d(nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, config: QuantConfig, quantize_input: bool = True
+        cls,
+        conv: nn.Conv2d,
+        bn: FoldedBatchNorm2d | _BatchNorm,
+        config: QuantConfig,
+        quantize_input: bool = True,
     ) -> QuantConvBn2d:
-        """A `QuantConvBn2d` holding the very same Parameters of ``conv`` and module ``bn``."""
+        """A `QuantConvBn2d` holding the very same Parameters as ``conv`` and ``bn``."""
         new = cls(**conv2d_kwargs(conv), bn=bn, config=config, quantize_input=quantize_input)
         new.weight = conv.weight
         new.bias = conv.bias
@@ -120,7 +125,7 @@ class QuantConvBn2d(nn.Conv2d):
         z = y.mul_(inv_factor.reshape(1, -1, 1, 1).to(y.dtype))
         if self.bias is not None:
             z = z + self.bias.reshape(1, -1, 1, 1).to(z.dtype)
-        return self.bn(z)
+        return self.bn.normalize(z)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"bn_frozen": self.bn_frozen}
