@@ -3,8 +3,16 @@
 The public API; everything a user imports comes from here.
 """
 
+from lightning_qat.callback import QuantizationAwareTraining
+from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
 from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
-from lightning_qat.prepare import find_conv_bn_pairs, prepare_qat, quantized_layers, quantizers
+from lightning_qat.prepare import (
+    find_conv_bn_pairs,
+    plan_qat,
+    prepare_qat,
+    quantized_layers,
+    quantizers,
+)
 from lightning_qat.quant import (
     FakeQuantize,
     MinMaxObserver,
@@ -23,11 +31,15 @@ __all__ = [
     "QuantConv2d",
     "QuantConvBn2d",
     "QuantLinear",
+    "QuantizationAwareTraining",
     "compute_qparams",
     "find_conv_bn_pairs",
+    "load_qat_checkpoint",
+    "plan_qat",
     "prepare_qat",
     "quant_range",
     "quantized_layers",
     "quantizers",
+    "restore_qat_checkpoint",
 ]
 __version__ = "0.1.0"

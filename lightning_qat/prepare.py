@@ -7,6 +7,7 @@ import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,61 +73,140 @@ def _trace_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, order
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Conv->BN pairs adjacent in an `nn.Sequential` whose forward is Sequential's own."""
-    pairs = []
-    for prefix, module in model.named_modules():
-        if (
-            not isinstance(module, nn.Sequential)
-            or type(module).forward is not nn.Sequential.forward
-        ):
-            continue
-        children = list(module.named_children())
-        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
-            if _foldable(conv, bn):
-                dot = f"{prefix}." if prefix else ""
-                pairs.append((dot + conv_name, dot + bn_name))
-    return pairs
+def _prefixed(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-def _analyse(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], Exception | None]:
-    """Foldable pairs, conv/linear call order and the trace error (None if it traced)."""
+def _analyse(
+    model: nn.Module, prefix: str = ""
+) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, Exception]]]:
+    """Foldable pairs, conv/linear call order and the modules that did not trace.
+
+    Traces ``model`` whole; where that fails (data-dependent control flow, say), traces
+    each child on its own, so only the untraceable modules' own direct Conv->BN pairs are
+    missed. Inside a plain `nn.Sequential`, adjacent Conv->BN children are a pair whatever
+    happens: its forward calls them in order.
+    """
     try:
         pairs, order = _trace_pairs(model)
-        return pairs, order, None
+        return (
+            [(_prefixed(prefix, c), _prefixed(prefix, b)) for c, b in pairs],
+            [_prefixed(prefix, n) for n in order],
+            [],
+        )
     except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
-        order = [n for n, m in model.named_modules() if _is_float_layer(m)]
-        return _sequential_pairs(model), order, err
+        pairs, order, untraced = [], [], [(prefix, err)]
+    children = list(model.named_children())
+    for name, child in children:
+        if _is_float_layer(child):
+            order.append(_prefixed(prefix, name))
+        else:
+            sub_pairs, sub_order, sub_untraced = _analyse(child, _prefixed(prefix, name))
+            pairs += sub_pairs
+            order += sub_order
+            untraced += sub_untraced
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
+            if _foldable(conv, bn):
+                pairs.append((_prefixed(prefix, conv_name), _prefixed(prefix, bn_name)))
+    return pairs, order, untraced
+
+
+def _warn_unfolded(
+    model: nn.Module, untraced: list[tuple[str, Exception]], pairs: list[tuple[str, str]]
+) -> None:
+    """Warn about BatchNorms left unfolded because the module calling them did not trace."""
+    folded = {bn for _, bn in pairs}
+    missed = []
+    for name, err in untraced:
+        module = model.get_submodule(name)
+        bns = [
+            _prefixed(name, n)
+            for n, m in module.named_children()
+            if isinstance(m, FOLDABLE_BN) and _prefixed(name, n) not in folded
+        ]
+        if bns:
+            where = name or type(model).__name__
+            missed.append(f"{where} ({type(err).__name__}: {err}) calls {', '.join(bns)}")
+    if missed:
+        warnings.warn(
+            "prepare_qat: torch.fx could not trace " + "; ".join(missed) + ". These "
+            "BatchNorms stay unfolded (float BatchNorm); pass "
+            "fuse_pairs=[('conv_name', 'bn_name'), ...] to fold them.",
+            UserWarning,
+            stacklevel=4,  # the caller of prepare_qat / plan_qat / find_conv_bn_pairs
+        )
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Names of the (conv, bn) pairs of ``model`` that can be folded.
 
     Traces ``model`` with torch.fx, which finds pairs whatever the forward looks like
-    (attribute calls as in torchvision's resnet18, nested Sequentials). When the model does
-    not trace (data-dependent control flow), warns and falls back to pairs adjacent inside
-    plain `nn.Sequential` containers, the one place where the call order is known.
+    (attribute calls as in torchvision's resnet18, nested Sequentials); a pair is a BN
+    whose only input is a conv whose only reader is that BN. Modules that do not trace are
+    searched child by child (see `_analyse`), with a warning naming the BatchNorms missed.
     """
-    pairs, _, err = _analyse(model)
-    if err is not None:
-        _warn_untraceable(model, err, pairs)
+    pairs, _, untraced = _analyse(model)
+    _warn_unfolded(model, untraced, pairs)
     return pairs
-
-
-def _warn_untraceable(model: nn.Module, err: Exception, pairs: list) -> None:
-    warnings.warn(
-        f"prepare_qat: {type(model).__name__} does not trace with torch.fx "
-        f"({type(err).__name__}: {err}); folding BatchNorm only inside nn.Sequential "
-        f"({len(pairs)} pair(s)). Other Conv->BN pairs stay unfolded (float BatchNorm); "
-        "pass fuse_pairs=[('conv_name', 'bn_name'), ...] to fold them.",
-        UserWarning,
-        stacklevel=4,
-    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
+
+
+@dataclass
+class ConversionPlan:
+    """What `prepare_qat` will do: the layers to quantize, in call order, and the
+    (conv, bn) pairs to fold."""
+
+    layers: list[str]
+    pairs: list[tuple[str, str]]
+
+    @property
+    def folded(self) -> dict[str, str]:
+        return dict(self.pairs)
+
+
+def plan_qat(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    fuse_pairs: Sequence[tuple[str, str]] | None = None,
+) -> ConversionPlan:
+    """The conversion `prepare_qat` would make, without changing ``model``.
+
+    Raises:
+        ValueError: nothing to quantize, or a ``fuse_pairs`` entry that is not a Conv2d
+            and its BatchNorm2d.
+    """
+    config = config or QuantConfig()
+    found_pairs, order, untraced = _analyse(model)
+    modules = dict(model.named_modules())
+    if not config.bn_fold:
+        pairs = []
+    elif fuse_pairs is not None:
+        for conv_name, bn_name in fuse_pairs:
+            if not _foldable(modules.get(conv_name), modules.get(bn_name)):
+                raise ValueError(
+                    f"fuse_pairs entry ({conv_name!r}, {bn_name!r}) is not a float Conv2d and "
+                    "a BatchNorm2d (tracking running stats) with matching channels"
+                )
+        pairs = [tuple(pair) for pair in fuse_pairs]
+    else:
+        pairs = found_pairs
+        _warn_unfolded(model, untraced, pairs)
+    pairs = [(c, b) for c, b in pairs if not _excluded(c, config.exclude)]
+    # Layers that exist but were never called in the trace still get converted, last.
+    order += [n for n, m in modules.items() if _is_float_layer(m) and n not in order]
+    order = [n for n in order if not _excluded(n, config.exclude)]
+    if not order:
+        raise ValueError(
+            f"prepare_qat found nothing to quantize in {type(model).__name__}: no float "
+            f"nn.Conv2d or nn.Linear outside exclude={list(config.exclude)}"
+        )
+    return ConversionPlan(layers=order, pairs=pairs)
 
 
 def prepare_qat(
@@ -153,40 +233,13 @@ def prepare_qat(
         fuse_pairs: (conv, bn) module names to fold, instead of finding them by tracing.
 
     Raises:
-        ValueError: nothing to quantize, or a ``fuse_pairs`` entry that is not a Conv2d
-            and its BatchNorm2d.
+        ValueError: as `plan_qat`.
     """
     config = config or QuantConfig()
-    found_pairs, order, trace_error = _analyse(model)
-    if not config.bn_fold:
-        pairs = []
-    elif fuse_pairs is not None:
-        modules = dict(model.named_modules())
-        for conv_name, bn_name in fuse_pairs:
-            if not _foldable(modules.get(conv_name), modules.get(bn_name)):
-                raise ValueError(
-                    f"fuse_pairs entry ({conv_name!r}, {bn_name!r}) is not a float Conv2d and "
-                    "a BatchNorm2d (tracking running stats) with matching channels"
-                )
-        pairs = list(fuse_pairs)
-    else:
-        pairs = found_pairs
-        if trace_error is not None:
-            _warn_untraceable(model, trace_error, pairs)
-    pairs = [(c, b) for c, b in pairs if not _excluded(c, config.exclude)]
-    bn_of = dict(pairs)
-
-    # Layers that exist but were never called in the trace still get converted, last.
-    order += [n for n, m in model.named_modules() if _is_float_layer(m) and n not in order]
-    order = [n for n in order if not _excluded(n, config.exclude)]
-    if not order:
-        raise ValueError(
-            f"prepare_qat found nothing to quantize in {type(model).__name__}: no float "
-            f"nn.Conv2d or nn.Linear outside exclude={list(config.exclude)}"
-        )
-
+    plan = plan_qat(model, config, fuse_pairs=fuse_pairs)
+    bn_of = plan.folded
     modules = dict(model.named_modules())
-    for index, name in enumerate(order):
+    for index, name in enumerate(plan.layers):
         layer = modules[name]
         quantize_input = index > 0 or config.quantize_first_input
         if name in bn_of:

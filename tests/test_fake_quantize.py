@@ -124,3 +124,24 @@ def test_per_tensor_path_equals_torch_public_op_forward_and_backward(symmetric):
     ref.backward(grad)
     assert torch.equal(x.grad, x_ref.grad)
     assert 0 < (x.grad == 0).sum() < x.numel()  # some elements were clipped, some were not
+
+
+def test_clipping_counts_elements_outside_the_range():
+    fq = FakeQuantize.for_activations(QuantConfig(observer="minmax"))
+    fq(torch.tensor([-1.27, 1.27]))  # s = 0.01
+    fq.enable_observer(False)
+    fq.clipping_counts = {"clipped": 0, "total": 0}
+    fq(torch.tensor([-2.0, -1.274, 0.0, 1.27, 1.2749, 1.3, 5.0, 0.5]))
+    assert fq.clipping_counts == {"clipped": 3, "total": 8}
+
+
+def test_sqnr_is_about_6db_per_bit():
+    from lightning_qat.quant import sqnr_db
+
+    x = torch.rand(100_000) * 2 - 1
+    values = {}
+    for bits in (4, 8):
+        fq = FakeQuantize.for_weights(QuantConfig(weight_bits=bits, per_channel=False), 1)
+        values[bits] = sqnr_db(x, fq(x))
+    assert 22 < values[8] - values[4] < 26  # 4 bits * 6.02 dB
+    assert sqnr_db(x, x) == float("inf")

@@ -93,7 +93,9 @@ def test_attribute_model_pairs_found_by_tracing_and_forward_untouched():
 
 
 def test_untraceable_model_warns_and_folds_only_inside_sequential():
-    with pytest.warns(UserWarning, match=r"BranchyNet does not trace.*fuse_pairs"):
+    with pytest.warns(
+        UserWarning, match=r"could not trace BranchyNet.*calls bn_a, bn_b.*fuse_pairs"
+    ):
         model = prepare_qat(BranchyNet(), QuantConfig())
     assert isinstance(model.block[0], QuantConvBn2d)  # Sequential: order is known
     assert isinstance(model.conv_a, QuantConv2d) and isinstance(model.bn_a, nn.BatchNorm2d)
@@ -249,3 +251,25 @@ def test_deepcopy_keeps_the_folded_layer_pointing_at_its_own_batchnorm():
     model = prepare_qat(small_cnn(), QuantConfig())
     clone = copy.deepcopy(model)
     assert clone[0].bn is clone[1] and clone[1] is not model[1]
+
+
+class UntraceableWrapper(nn.Module):
+    """Like a LightningModule whose forward does not trace, around a model that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = AttributeNet()
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.mean() > 100:
+            return x
+        return self.model(x)
+
+
+def test_children_of_an_untraceable_module_are_traced_on_their_own(recwarn):
+    model = prepare_qat(UntraceableWrapper(), QuantConfig())
+    assert isinstance(model.model.conv_a, QuantConvBn2d)
+    assert isinstance(model.model.conv_b, QuantConvBn2d)
+    assert isinstance(model.head[0], QuantConvBn2d)
+    assert not [w for w in recwarn if "could not trace" in str(w.message)]

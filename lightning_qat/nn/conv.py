@@ -59,6 +59,10 @@ class QuantConv2d(nn.Conv2d):
         new.train(conv.training)
         return new
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(
             self.activation_quantizer(x), self.weight_quantizer(self.weight), self.bias

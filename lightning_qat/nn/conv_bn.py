@@ -105,6 +105,10 @@ class QuantConvBn2d(nn.Conv2d):
         bias = shift * factor
         return bias if bn.bias is None else bias + bn.bias
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The folded weight ``w · f`` the weight quantizer sees (running statistics)."""
+        return self.weight * self.fold_factor().reshape(-1, 1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation_quantizer(x)
         if not self.training or self.bn_frozen:

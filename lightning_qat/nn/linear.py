@@ -60,5 +60,9 @@ class QuantLinear(nn.Linear):
         new.train(linear.training)
         return new
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.activation_quantizer(x), self.weight_quantizer(self.weight), self.bias)

@@ -2,6 +2,7 @@
 
 from lightning_qat.quant.config import QuantConfig
 from lightning_qat.quant.fake_quantize import FakeQuantize
+from lightning_qat.quant.metrics import sqnr_db
 from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import MIN_SCALE, compute_qparams, quant_range
 
@@ -13,4 +14,5 @@ __all__ = [
     "QuantConfig",
     "compute_qparams",
     "quant_range",
+    "sqnr_db",
 ]

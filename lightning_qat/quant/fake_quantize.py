@@ -79,6 +79,9 @@ class FakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.fake_quant_enabled = True
         self.observer_enabled = True
+        # When a dict, forward adds the number of elements it clipped and saw (the QAT
+        # callback samples one batch an epoch; counting costs a pass and a host sync).
+        self.clipping_counts: dict[str, int] | None = None
 
     @classmethod
     def for_weights(cls, config: QuantConfig, num_channels: int) -> FakeQuantize:
@@ -135,6 +138,8 @@ class FakeQuantize(nn.Module):
         if not self.fake_quant_enabled:
             return x
         x32 = x.float()
+        if self.clipping_counts is not None:
+            self._count_clipped(x32)
         if self.per_channel:
             out = torch.fake_quantize_per_channel_affine(
                 x32, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
@@ -144,6 +149,21 @@ class FakeQuantize(nn.Module):
                 x32, self.scale, self.zero_point, self.quant_min, self.quant_max
             )
         return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _count_clipped(self, x: torch.Tensor) -> None:
+        """Elements outside the representable range ``[s (qmin - z), s (qmax - z)]``."""
+        shape = [1] * x.dim()
+        if self.per_channel:
+            shape[self.ch_axis] = -1
+        scale = self.scale.reshape(shape)
+        zero_point = self.zero_point.reshape(shape)
+        low = (self.quant_min - zero_point) * scale
+        high = (self.quant_max - zero_point) * scale
+        # half a step of slack: values that round onto qmin/qmax are not clipped
+        clipped = (x < low - scale / 2) | (x > high + scale / 2)
+        self.clipping_counts["clipped"] += int(clipped.sum())
+        self.clipping_counts["total"] += x.numel()
 
     # The switches are plain attributes (no host sync to read them on an accelerator);
     # extra state carries them through state_dict and checkpoints.

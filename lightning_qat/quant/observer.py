@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -19,6 +20,10 @@ class MovingAverageMinMaxObserver(nn.Module):
     A batch whose min or max is not finite (an overflow, a NaN in an activation) is left
     out of the range, and a warning naming the quantizer is given once; ``num_nonfinite``
     counts such batches.
+
+    With ``sync`` set and a process group of several ranks (DDP), each batch's range is
+    reduced over the ranks (min of mins, max of maxes) before it enters the average, so
+    every rank holds the same range, scale and zero point at every step.
 
     Args:
         momentum: weight of the newest batch, in (0, 1].
@@ -37,6 +42,7 @@ class MovingAverageMinMaxObserver(nn.Module):
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
         self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.int64))
         self.name = ""  # set by prepare_qat to the owning layer's name, for warnings
+        self.sync = False  # set by the QAT callback under DDP
         self._warned = False
 
     @property
@@ -53,6 +59,13 @@ class MovingAverageMinMaxObserver(nn.Module):
     def forward(self, x: torch.Tensor) -> None:
         batch_min, batch_max = self.batch_range(x.detach())
         batch_min, batch_max = batch_min.float(), batch_max.float()
+        if (
+            self.sync
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            batch_min, batch_max = _reduce_over_ranks(batch_min, batch_max)
         finite = torch.isfinite(batch_min) & torch.isfinite(batch_max)
         seen = torch.isfinite(self.min_val)
         # lerp with weight 1 returns the batch value bit-exactly, so momentum 1 is plain min/max.
@@ -82,6 +95,23 @@ class MovingAverageMinMaxObserver(nn.Module):
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, per_channel={self.per_channel}"
+
+
+def _reduce_over_ranks(
+    batch_min: torch.Tensor, batch_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min of the ranks' minima and max of their maxima, in one all-reduce. A rank's
+    non-finite bound is replaced by the identity of the reduction (+inf for the min,
+    -inf for the max), so it drops out unless every rank's bound is non-finite."""
+    inf = torch.full_like(batch_min, float("inf"))
+    packed = torch.stack(
+        [
+            -torch.where(torch.isfinite(batch_min), batch_min, inf),
+            torch.where(torch.isfinite(batch_max), batch_max, -inf),
+        ]
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return -packed[0], packed[1]
 
 
 class MinMaxObserver(MovingAverageMinMaxObserver):
