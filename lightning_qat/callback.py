@@ -144,6 +144,7 @@ class QuantizationAwareTraining(L.Callback):
         self._plan: ConversionPlan | None = None
         self._hook_handle: Any = None
         self._clipping: dict[str, dict[str, int]] = {}
+        self._calibration_pending = False
 
     # ---------------------------------------------------------------- state
     @property
@@ -173,6 +174,11 @@ class QuantizationAwareTraining(L.Callback):
         if not _is_converted(pl_module):
             # Fails now, with the reason, rather than epochs into training.
             self._plan = plan_qat(pl_module, self.config, fuse_pairs=self.fuse_pairs)
+            if stage == "fit" and self.start_epoch == 0:
+                # Before the strategy sets up: the optimizer is built on the quantized model,
+                # and with sync_batchnorm no BatchNorm2d is left for Lightning to turn into
+                # SyncBatchNorm, which DDP refuses on CPU (folded layers sync themselves).
+                self._convert_for_training(pl_module)
         max_epochs = trainer.max_epochs
         if stage == "fit" and max_epochs not in (None, -1) and self.start_epoch >= max_epochs:
             warnings.warn(
@@ -195,30 +201,33 @@ class QuantizationAwareTraining(L.Callback):
     def _convert_before_loading(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
     ) -> None:
-        """Converts the model when a checkpoint of a converted model is about to load.
-        torch runs a module's pre-hooks before loading its children, so the quantizers
-        exist by the time their keys are read."""
-        quantized = any(
-            k.startswith(prefix) and (".activation_quantizer." in k or ".weight_quantizer." in k)
-            for k in state_dict
-        )
-        if quantized and not _is_converted(module):
+        """Makes a checkpoint and the model agree before the weights load.
+
+        A checkpoint of a converted model converts the model first: torch runs a module's
+        pre-hooks before loading its children, so the quantizers exist by the time their
+        keys are read. A float checkpoint (FP32 pre-training) loaded into a model already
+        converted keeps the model's fresh quantizer state, so QAT can start from it.
+        """
+        incoming_quantized = any(k.startswith(prefix) and _is_quantizer_key(k) for k in state_dict)
+        if incoming_quantized and not _is_converted(module):
             self._convert(module)
+        elif not incoming_quantized and _is_converted(module):
+            for key, value in module.state_dict(prefix=prefix).items():
+                if _is_quantizer_key(key) or key.endswith("._extra_state"):
+                    state_dict.setdefault(key, value)
 
     # ---------------------------------------------------------------- schedule
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         converted = _is_converted(pl_module)
         if not converted and epoch >= self.start_epoch:
-            self._convert(pl_module)
-            self._configure_distributed(trainer, pl_module)
-            if self.calibration_batches:
-                self._calibrate(trainer, pl_module)
-            if self.verbose:
-                self._print_layers(pl_module)
+            self._convert_for_training(pl_module)
             converted = True
         if converted:
             self._configure_distributed(trainer, pl_module)
+            if self._calibration_pending:
+                self._calibrate(trainer, pl_module)
+                self._calibration_pending = False
             self.phase = "qat"
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 for layer in pl_module.modules():
@@ -283,6 +292,12 @@ class QuantizationAwareTraining(L.Callback):
         self._log(trainer, metrics)
 
     # ---------------------------------------------------------------- work
+    def _convert_for_training(self, module: nn.Module) -> None:
+        self._convert(module)
+        self._calibration_pending = self.calibration_batches > 0
+        if self.verbose:
+            self._print_layers(module)
+
     def _convert(self, module: nn.Module) -> None:
         plan = self._plan or plan_qat(module, self.config, fuse_pairs=self.fuse_pairs)
         # The pairs found at set-up: the model is not traced (and warned about) twice.
@@ -341,6 +356,10 @@ class QuantizationAwareTraining(L.Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _is_quantizer_key(key: str) -> bool:
+    return ".activation_quantizer." in key or ".weight_quantizer." in key
 
 
 def _is_converted(module: nn.Module) -> bool:

@@ -144,8 +144,12 @@ class FakeQuantize(nn.Module):
             out = torch.fake_quantize_per_channel_affine(
                 x32, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
             )
-        else:
+        elif torch.is_grad_enabled() and x32.requires_grad:
             out = _PerTensorFakeQuant.apply(
+                x32, self.scale, self.zero_point, self.quant_min, self.quant_max
+            )
+        else:  # inference: no mask to keep, and a plain aten op for tracing and export
+            out = torch.fake_quantize_per_tensor_affine(
                 x32, self.scale, self.zero_point, self.quant_min, self.quant_max
             )
         return out.to(x.dtype)
