@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) examples/digits_qat.py
+	$(PY) train.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

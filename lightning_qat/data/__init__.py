@@ -1,0 +1,17 @@
+"""The app's LightningDataModules."""
+
+from lightning_qat.data.base import ImageClassificationData
+from lightning_qat.data.digits import DigitsData
+from lightning_qat.data.image_folder import ImageFolderData
+from lightning_qat.data.tensor_images import TensorImageDataset, balanced_subset
+from lightning_qat.data.torchvision_sets import CIFAR10Data, MNISTData
+
+__all__ = [
+    "CIFAR10Data",
+    "DigitsData",
+    "ImageClassificationData",
+    "ImageFolderData",
+    "MNISTData",
+    "TensorImageDataset",
+    "balanced_subset",
+]

@@ -1,0 +1,120 @@
+"""One experiment from a composed Hydra config: build, fit, test, write ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_qat.model_stats import count_macs, model_size_bytes
+from lightning_qat.prepare import quantizers
+
+
+def register_recipes(directory: str | Path) -> None:
+    """Make each ``recipes/NAME.yaml`` selectable as ``recipe=NAME`` (a config group
+    kept outside ``conf/``, where experiments are easy to find)."""
+    store = ConfigStore.instance()
+    for path in sorted(Path(directory).glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list:
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None:
+            continue
+        if name == "wandb":
+            config = OmegaConf.to_container(cfg, resolve=True)
+            # a partial: instantiate() has its own parameter named config
+            build = instantiate(logger_cfg, _partial_=True)
+            loggers.append(build(tags=tags, group=group, config=config))
+        else:
+            loggers.append(instantiate(logger_cfg))
+    return loggers
+
+
+def _set_fake_quant(module: torch.nn.Module, enabled: bool) -> list[bool]:
+    states = []
+    for _, quantizer in quantizers(module):
+        states.append(quantizer.fake_quant_enabled)
+        quantizer.enable_fake_quant(enabled)
+    return states
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test the experiment of ``cfg``; returns (and writes) its results."""
+    start = time.perf_counter()
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    variant = hydra_cfg.runtime.choices.get("quant", "none")
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = Path(hydra_cfg.sweep.dir).name if multirun else None
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+    )
+    if cfg.init_checkpoint:
+        state = torch.load(cfg.init_checkpoint, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+    example = torch.zeros(1, datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    macs = count_macs(module.model, example)
+    fp32_bytes = model_size_bytes(module.model)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if cfg.quant is not None:
+        # positional: instantiate() itself has a parameter named config
+        callbacks.append(instantiate(cfg.qat, OmegaConf.to_container(cfg.quant)))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=_loggers(cfg, [cfg.name, variant], group) or False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    results: dict[str, Any] = {
+        "recipe": cfg.name,
+        "variant": variant,
+        "quant": OmegaConf.to_container(cfg.quant) if cfg.quant is not None else None,
+        "schedule": {
+            k: cfg.qat[k] for k in ("start_epoch", "freeze_bn_epoch", "freeze_observer_epoch")
+        }
+        if cfg.quant
+        else None,
+        "epochs": trainer.current_epoch,
+        "test_acc": tested["test_acc"],
+        "params": sum(p.numel() for p in module.model.parameters()),
+        "macs": macs,
+        "size_fp32_bytes": fp32_bytes,
+    }
+    if cfg.quant is not None:
+        results["fake_quant_test_acc"] = tested["test_acc"]
+        saved = _set_fake_quant(module, False)  # the same weights, in float
+        results["float_test_acc"] = trainer.test(module, datamodule=datamodule, verbose=False)[0][
+            "test_acc"
+        ]
+        for (_, quantizer), enabled in zip(quantizers(module), saved, strict=True):
+            quantizer.enable_fake_quant(enabled)
+        results["size_int_bytes"] = model_size_bytes(module.model, quantized=True)
+    else:
+        results["float_test_acc"] = tested["test_acc"]
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    results["output_dir"] = str(output_dir)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results

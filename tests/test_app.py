@@ -1,0 +1,204 @@
+"""The Hydra app: recipes compose, bad input fails with the choices, runs write results,
+multirun + report, optuna, several loggers at once (W&B offline)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lightning_qat.experiment import register_recipes
+from lightning_qat.module import ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+FAST = ["callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def train(*overrides, cwd, env=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def composed():
+    register_recipes(ROOT / "recipes")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+
+        def _compose(*overrides):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            return cfg
+
+        yield _compose
+    GlobalHydra.instance().clear()
+
+
+def test_the_recipes_are_the_ones_documented():
+    assert {
+        "digits_qat",
+        "lenet_mnist_qat",
+        "nin_fp32",
+        "nin_qat",
+        "nin_qat_cpu",
+        "resnet20_qat",
+        "resnet20_w4a8_qat",
+    } <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_instantiates_without_training(composed, recipe):
+    cfg = composed(f"recipe={recipe}", "init_checkpoint=unused.ckpt")
+    job = {k: v for k, v in cfg.items() if k != "hydra"}
+    OmegaConf.to_container(OmegaConf.create(job), resolve=True)  # every interpolation resolves
+    model = instantiate(cfg.model)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+    )
+    assert isinstance(module, ImageClassifier)
+    datamodule = instantiate(cfg.data)  # no download: that happens in prepare_data
+    example = torch.zeros(2, datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+    assert model(example).shape == (2, 10)
+    if cfg.quant is not None:
+        callback = instantiate(cfg.qat, OmegaConf.to_container(cfg.quant))
+        assert callback.config.weight_bits in (4, 8)
+
+
+@pytest.mark.parametrize("variant", ["sym_fold", "sym_unfold", "asym_fold", "asym_unfold"])
+def test_nin_qat_variants(composed, variant):
+    cfg = composed("recipe=nin_qat", f"quant={variant}")
+    assert cfg.quant.symmetric == variant.startswith("sym")
+    assert cfg.quant.bn_fold == variant.endswith("_fold")
+    assert list(cfg.model.widths) == [192, 160, 96, 192, 192, 192, 192, 192]
+    assert cfg.trainer.max_epochs == 30 and cfg.model.bn_momentum == 0.01
+
+
+def test_w4a8_recipe_has_4bit_weights(composed):
+    cfg = composed("recipe=resnet20_w4a8_qat")
+    assert (cfg.quant.weight_bits, cfg.quant.activation_bits) == (4, 8)
+    assert cfg.qat.start_epoch == 20  # inherited from resnet20_qat
+
+
+def test_help_lists_the_recipes(tmp_path):
+    out = train("--help", cwd=tmp_path).stdout
+    assert "recipe: " + ", ".join(RECIPES) in out
+
+
+def test_unknown_recipe_fails_at_once_with_the_choices(tmp_path):
+    result = train("recipe=nin_qta", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'recipe/nin_qta'" in result.stderr
+    assert "nin_qat" in result.stderr and "digits_qat" in result.stderr
+
+
+def test_mistyped_key_fails_at_once(tmp_path):
+    result = train("trainer.max_epoch=3", cwd=tmp_path)
+    assert result.returncode != 0 and "max_epoch" in result.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
+    result = train(
+        "trainer.max_epochs=3",
+        "qat.start_epoch=1",
+        "qat.freeze_bn_epoch=2",
+        "qat.freeze_observer_epoch=2",
+        "hydra.run.dir=run",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["recipe"] == "digits_qat" and results["variant"] == "sym_fold"
+    assert results["epochs"] == 3
+    assert results["schedule"] == {
+        "start_epoch": 1,
+        "freeze_bn_epoch": 2,
+        "freeze_observer_epoch": 2,
+    }
+    assert results["fake_quant_test_acc"] > 0.8 and results["float_test_acc"] > 0.8
+    assert results["params"] > 0 and results["macs"] > results["params"]
+    assert results["size_int_bytes"] < results["size_fp32_bytes"] / 3
+    assert (run / "config_resolved.yaml").exists() and (run / ".hydra" / "config.yaml").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    metrics = (run / "csv" / "metrics.csv").read_text()
+    assert "qat/phase" in metrics and "val_acc" in metrics
+
+
+def test_two_job_multirun_and_report(tmp_path):
+    result = train(
+        "-m",
+        "quant=none,asym_unfold",
+        "trainer.max_epochs=2",
+        "qat.start_epoch=1",
+        "hydra.sweep.dir=sweep",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.parent.name for p in sweep.rglob("results.json")) == ["0_none", "1_asym_unfold"]
+    report = subprocess.run(
+        [sys.executable, "-m", "lightning_qat.report", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line for line in report.splitlines() if line.startswith("| digits_qat")]
+    assert len(rows) == 2 and "| none |" in rows[0] and "| asym_unfold |" in rows[1]
+    for png in ("accuracy.png", "curves.png"):
+        assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_optuna_sweep_runs_trials(tmp_path):
+    result = train(
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=1",
+        "hydra.sweep.dir=optuna",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "optuna").rglob("results.json"))) == 2
+    best = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "optimizer.lr" in best
+
+
+def test_csv_tensorboard_and_offline_wandb_at_once(tmp_path):
+    result = train(
+        "logger=all",
+        "trainer.max_epochs=1",
+        "hydra.run.dir=run",
+        *FAST,
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "csv" / "metrics.csv").exists()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline, list(run.rglob("*"))[:20]
+    assert list(offline[0].glob("*.wandb"))

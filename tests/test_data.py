@@ -1,0 +1,152 @@
+"""Data modules, the uint8 image cache, subsets, augmentation, models and model cost."""
+
+import pytest
+import torch
+from torch import nn
+from torchvision.io import write_png
+
+from lightning_qat.data import (
+    CIFAR10Data,
+    DigitsData,
+    ImageFolderData,
+    TensorImageDataset,
+    balanced_subset,
+)
+from lightning_qat.model_stats import count_macs, model_size_bytes
+from lightning_qat.models import NIN, ResNetCifar, mobilenet_v2_cifar, resnet20
+from lightning_qat.prepare import prepare_qat
+
+
+def test_balanced_subset_is_fixed_balanced_and_seeded():
+    labels = torch.arange(10).repeat_interleave(50)
+    a = balanced_subset(labels, 100, seed=3)
+    assert torch.equal(a, balanced_subset(labels, 100, seed=3))
+    assert not torch.equal(a, balanced_subset(labels, 100, seed=4))
+    assert torch.bincount(labels[a]).tolist() == [10] * 10
+    assert len(a.unique()) == 100
+    with pytest.raises(ValueError, match="exceeds"):
+        balanced_subset(labels, 501)
+
+
+def test_augmentation_crops_with_padding_and_flips():
+    image = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(1, 3, 4, 4)
+    plain = TensorImageDataset(image, torch.tensor([0]), (0, 0, 0), (1, 1, 1))
+    x, _ = plain[0]
+    assert torch.allclose(x * 255, image[0].float())
+    augmented = TensorImageDataset(image, torch.tensor([0]), (0, 0, 0), (1, 1, 1), 2, True)
+    torch.manual_seed(0)
+    seen = {tuple((augmented[0][0] * 255).round().flatten().tolist()) for _ in range(60)}
+    assert len(seen) > 10  # many crops and flips
+    for sample in seen:  # each is a shifted (and maybe flipped) window, zero padded
+        assert set(sample) <= set(image.flatten().tolist()) | {0}
+
+
+def test_digits_datamodule_splits_and_normalises():
+    dm = DigitsData(batch_size=32)
+    dm.setup()
+    assert len(dm.train_set) == 1437 and len(dm.test_set) == 360
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 8, 8) and y.dtype == torch.int64
+    assert abs(float(x.mean())) < 0.3
+
+
+def test_validation_split_is_held_out_of_training():
+    dm = DigitsData(val_size=100, train_subset=500)
+    dm.setup()
+    assert len(dm.val_set) == 100 and len(dm.train_set) == 500
+    train = {tuple(img.flatten().tolist()) for img in dm.train_set.images}
+    val = [tuple(img.flatten().tolist()) for img in dm.val_set.images]
+    assert sum(v in train for v in val) < 5  # (the digits have a few duplicate images)
+
+
+def make_folder(root, n_per_class=3, classes=("cat", "dog")):
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n_per_class):
+                image = torch.full((3, 32, 32), 40 * c + i, dtype=torch.uint8)
+                write_png(image, str(root / split / name / f"{i}.png"))
+
+
+def test_image_folder_decodes_once_into_a_cache(tmp_path):
+    make_folder(tmp_path / "set")
+    dm = ImageFolderData(
+        str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"), batch_size=4, augment=False
+    )
+    dm.setup()
+    assert len(dm.train_set) == 6 and dm.train_set.images.dtype == torch.uint8
+    assert dm.train_set.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert dm.train_set.images[4, 0, 0, 0] == 41
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2 and all(c.endswith(".pt") for c in caches)
+    for png in (tmp_path / "set").rglob("*.png"):
+        png.unlink()  # the second load reads the cache only
+    again = ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"))
+    again.setup()
+    assert torch.equal(again.train_set.images, dm.train_set.images)
+
+
+def test_image_folder_missing_split_says_what_layout_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/ and test/ folders"):
+        ImageFolderData(str(tmp_path)).setup()
+
+
+def test_cifar10_offline_without_a_copy_says_how_to_point_at_one(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", offline)
+    dm = CIFAR10Data(data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"data\.data_dir.*data=cifar10_folder"):
+        dm.prepare_data()
+
+
+def test_cifar10_reads_torchvisions_copy_without_download(tmp_path, monkeypatch):
+    import torchvision
+
+    class FakeCIFAR:
+        def __init__(self, root, train, download):
+            assert download is False
+            self.data = torch.randint(
+                0, 255, (4 if train else 2, 32, 32, 3), dtype=torch.uint8
+            ).numpy()
+            self.targets = [0, 1, 2, 3][: 4 if train else 2]
+
+    monkeypatch.setattr(CIFAR10Data, "dataset_class", FakeCIFAR)
+    dm = CIFAR10Data(data_dir=str(tmp_path), download=False, batch_size=2)
+    dm.setup()
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32)
+    assert torchvision  # the real class is torchvision.datasets.CIFAR10
+
+
+def test_nin_matches_the_reference_layout():
+    model = NIN()
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [192, 160, 96, 192, 192, 192, 192, 192, 10]
+    assert [c.kernel_size[0] for c in convs] == [5, 1, 1, 5, 1, 1, 3, 1, 1]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model) == 2
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet20_and_mobilenet_for_cifar():
+    assert sum(p.numel() for p in resnet20().parameters()) == pytest.approx(272_474, rel=0.01)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        ResNetCifar(depth=21)
+    mobile = mobilenet_v2_cifar()
+    features = mobile.features(torch.zeros(1, 3, 32, 32))
+    assert features.shape[-2:] == (4, 4)
+
+
+def test_macs_and_sizes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    assert count_macs(model, torch.zeros(1, 3, 4, 4)) == 3 * 9 * 8 * 16 + 128 * 10
+    params = sum(p.numel() for p in model.parameters())
+    assert model_size_bytes(model) == 4 * params
+    prepare_qat(model)
+    int_size = model_size_bytes(model, quantized=True)
+    # int8 weights, int32 biases, a float scale and int zero point per output channel
+    assert int_size == (8 * 27 + 10 * 128) + 4 * (8 + 10) + 8 * (8 + 10)

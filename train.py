@@ -1,0 +1,22 @@
+"""Train, quantize and evaluate one experiment: ``python train.py recipe=NAME [overrides]``.
+
+``python train.py --help`` lists the recipes and config groups; see README.md.
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_qat.experiment import register_recipes, run
+
+register_recipes(Path(__file__).parent / "recipes")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)["test_acc"]
+
+
+if __name__ == "__main__":
+    main()
