@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qat.model_stats import count_macs, model_size_bytes
+from lightning_qat.module import ImageClassifier
 from lightning_qat.prepare import quantizers
 
 
@@ -50,6 +51,16 @@ def _set_fake_quant(module: torch.nn.Module, enabled: bool) -> list[bool]:
     return states
 
 
+def build_module(cfg: DictConfig) -> ImageClassifier:
+    """The LightningModule of ``cfg``: its model, optimizer and LR schedule."""
+    return instantiate(
+        cfg.module,
+        model=instantiate(cfg.model),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the experiment of ``cfg``; returns (and writes) its results."""
     start = time.perf_counter()
@@ -63,13 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    module = instantiate(
-        cfg.module,
-        model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-    )
+    module = build_module(cfg)
     if cfg.init_checkpoint:
         state = torch.load(cfg.init_checkpoint, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])

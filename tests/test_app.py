@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_qat.experiment import register_recipes
+from lightning_qat.experiment import build_module, register_recipes
 from lightning_qat.module import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +67,8 @@ def test_every_recipe_composes_and_instantiates_without_training(composed, recip
     job = {k: v for k, v in cfg.items() if k != "hydra"}
     OmegaConf.to_container(OmegaConf.create(job), resolve=True)  # every interpolation resolves
     model = instantiate(cfg.model)
-    module = instantiate(
-        cfg.module,
-        model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-    )
+    module = build_module(cfg)
+    model = module.model
     assert isinstance(module, ImageClassifier)
     datamodule = instantiate(cfg.data)  # no download: that happens in prepare_data
     example = torch.zeros(2, datamodule.in_channels, datamodule.image_size, datamodule.image_size)
@@ -202,3 +198,18 @@ def test_csv_tensorboard_and_offline_wandb_at_once(tmp_path):
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list(run.rglob("*"))[:20]
     assert list(offline[0].glob("*.wandb"))
+
+
+def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
+    result = train(
+        "-m",
+        "launcher=local_parallel",
+        "quant=sym_fold,asym_fold",
+        "trainer.max_epochs=1",
+        "hydra.sweep.dir=parallel",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib" in result.stdout + result.stderr
+    assert len(list((tmp_path / "parallel").rglob("results.json"))) == 2
