@@ -3,6 +3,7 @@
 The public API; everything a user imports comes from here.
 """
 
+from lightning_qat.calibrate import calibrate
 from lightning_qat.callback import QuantizationAwareTraining
 from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
 from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
@@ -32,6 +33,7 @@ __all__ = [
     "QuantConvBn2d",
     "QuantLinear",
     "QuantizationAwareTraining",
+    "calibrate",
     "compute_qparams",
     "find_conv_bn_pairs",
     "load_qat_checkpoint",

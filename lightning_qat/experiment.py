@@ -15,9 +15,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qat.calibrate import calibrate
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
-from lightning_qat.prepare import quantizers
+from lightning_qat.prepare import prepare_qat, quantizers
+from lightning_qat.quant import QuantConfig
 
 
 def register_recipes(directory: str | Path) -> None:
@@ -82,16 +84,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     macs = count_macs(module.model, example)
     fp32_bytes = model_size_bytes(module.model)
 
+    ptq = cfg.get("ptq")
+    if ptq is not None and cfg.quant is None:
+        raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    if cfg.quant is not None:
+    if cfg.quant is not None and ptq is None:
         # positional: instantiate() itself has a parameter named config
         callbacks.append(instantiate(cfg.qat, OmegaConf.to_container(cfg.quant)))
+    if ptq is not None:
+        variant = f"ptq_{ptq.method}/{variant}"
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=_loggers(cfg, [cfg.name, variant], group) or False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    if ptq is None:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    else:  # post-training quantization: calibrate the trained float model, no training
+        prepare_qat(module.model, QuantConfig(**OmegaConf.to_container(cfg.quant)))
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        calibrate(module.model, datamodule.train_dataloader(), ptq.method, ptq.num_batches)
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     results: dict[str, Any] = {
         "recipe": cfg.name,
@@ -100,8 +113,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "schedule": {
             k: cfg.qat[k] for k in ("start_epoch", "freeze_bn_epoch", "freeze_observer_epoch")
         }
-        if cfg.quant
+        if cfg.quant is not None and ptq is None
         else None,
+        "ptq": OmegaConf.to_container(ptq) if ptq is not None else None,
         "epochs": trainer.current_epoch,
         "test_acc": tested["test_acc"],
         "params": sum(p.numel() for p in module.model.parameters()),

@@ -213,3 +213,23 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib" in result.stdout + result.stderr
     assert len(list((tmp_path / "parallel").rglob("results.json"))) == 2
+
+
+def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
+    fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    ckpt = tmp_path / "fp32" / "checkpoints" / "last.ckpt"
+    result = train(
+        f"init_checkpoint={ckpt}",
+        "+ptq.method=kl",
+        "+ptq.num_batches=4",
+        "hydra.run.dir=ptq",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "ptq" / "results.json").read_text())
+    assert results["variant"] == "ptq_kl/sym_fold" and results["epochs"] == 0
+    assert results["ptq"] == {"method": "kl", "num_batches": 4}
+    float_acc = json.loads((tmp_path / "fp32" / "results.json").read_text())["test_acc"]
+    assert results["fake_quant_test_acc"] > float_acc - 0.05
