@@ -24,8 +24,11 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):  # type: ignore[override]
+        # The "fake quant enabled" flag as the public op passes it: int64, on x's device
+        # (the CUDA kernel reads it on the device).
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
         out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, zero_point, _ENABLED, quant_min, quant_max
+            x, scale, zero_point, enabled, quant_min, quant_max
         )
         ctx.save_for_backward(mask)
         return out
@@ -34,9 +37,6 @@ class _PerTensorFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
         return torch.where(mask, grad, 0.0), None, None, None, None
-
-
-_ENABLED = torch.ones(1, dtype=torch.uint8)  # the kernel's "fake quant enabled" flag
 
 
 class FakeQuantize(nn.Module):
