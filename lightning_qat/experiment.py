@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qat.calibrate import calibrate
+from lightning_qat.export import to_integer
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
 from lightning_qat.prepare import prepare_qat, quantizers
@@ -51,6 +52,33 @@ def _set_fake_quant(module: torch.nn.Module, enabled: bool) -> list[bool]:
         states.append(quantizer.fake_quant_enabled)
         quantizer.enable_fake_quant(enabled)
     return states
+
+
+@torch.no_grad()
+def _integer_results(
+    module: ImageClassifier, datamodule, max_batches: int | None
+) -> dict[str, Any]:
+    """Accuracy of the integer-only export and its top-1 agreement with the fake-quant
+    model, on the first ``max_batches`` test batches (all if None): the integer reference
+    runs exact arithmetic in float64, several times slower than the model."""
+    try:
+        integer = to_integer(module.model.eval())
+    except ValueError as err:  # a model the integer reference cannot run (e.g. skips)
+        return {"integer_error": str(err)}
+    hits = agree = seen = 0
+    for index, (x, y) in enumerate(datamodule.test_dataloader()):
+        if max_batches is not None and index >= max_batches:
+            break
+        x = x.to(module.device)
+        predicted = integer(x).argmax(1)
+        hits += int((predicted.cpu() == y).sum())
+        agree += int((predicted == module(x).argmax(1)).sum())
+        seen += len(y)
+    return {
+        "integer_test_acc": hits / seen,
+        "integer_agreement": agree / seen,
+        "integer_test_images": seen,
+    }
 
 
 def build_module(cfg: DictConfig) -> ImageClassifier:
@@ -118,6 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "ptq": OmegaConf.to_container(ptq) if ptq is not None else None,
         "epochs": trainer.current_epoch,
         "test_acc": tested["test_acc"],
+        "test_images": len(datamodule.test_set),
         "params": sum(p.numel() for p in module.model.parameters()),
         "macs": macs,
         "size_fp32_bytes": fp32_bytes,
@@ -131,6 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for (_, quantizer), enabled in zip(quantizers(module), saved, strict=True):
             quantizer.enable_fake_quant(enabled)
         results["size_int_bytes"] = model_size_bytes(module.model, quantized=True)
+        if cfg.get("deploy") and cfg.deploy.integer:
+            results.update(_integer_results(module, datamodule, cfg.deploy.integer_test_batches))
     else:
         results["float_test_acc"] = tested["test_acc"]
     results["wall_time_s"] = round(time.perf_counter() - start, 1)

@@ -56,6 +56,15 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _int_cell(run: dict[str, Any], key: str) -> str:
+    if key not in run:
+        return "-"
+    images = run.get("integer_test_images")
+    return _pct(run[key]) + (
+        f" ({images} img)" if images and images != run.get("test_images") else ""
+    )
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     """One row per run: accuracies in percent, FP32 rows first, then by variant."""
     runs = sorted(runs, key=lambda r: (r.get("quant") is not None, r["variant"]))
@@ -63,8 +72,9 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     baseline = max(fp32) if fp32 else None
     lines = [
         "| recipe | variant | test acc (%) | vs FP32 | fake-quant (%) | same weights in float (%) "
+        "| integer-only (%) | int = fake-quant top-1 (%) "
         "| params | MACs | size FP32 (KB) | size int (KB) | time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         delta = "-" if baseline is None else f"{100 * (r['test_acc'] - baseline):+.2f}"
@@ -72,6 +82,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['recipe']} | {r['variant']} | {_pct(r['test_acc'])} | {delta} "
             f"| {_pct(r.get('fake_quant_test_acc'))} | {_pct(r.get('float_test_acc'))} "
+            f"| {_int_cell(r, 'integer_test_acc')} | {_int_cell(r, 'integer_agreement')} "
             f"| {r['params']:,} | {r['macs']:,} | {r['size_fp32_bytes'] / 1024:.1f} "
             f"| {'-' if size_int is None else f'{size_int / 1024:.1f}'} "
             f"| {r['wall_time_s']:.0f} |"
@@ -138,8 +149,10 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     report.write_text(
         f"# {sweep_dir}\n\n{markdown_table(runs)}\n"
         "test acc: the model as trained (fake-quant for QAT variants); same weights in "
-        "float: fake quantization switched off. vs FP32: points against the best FP32 "
-        "row of this sweep.\n\n![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
+        "float: fake quantization switched off; integer-only: the exported integer model "
+        "(lightning_qat.export.to_integer), on the test images shown where not all. vs "
+        "FP32: points against the best FP32 row of this sweep.\n\n"
+        "![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
     )
     return report
 

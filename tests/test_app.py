@@ -134,6 +134,9 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
     assert results["fake_quant_test_acc"] > 0.8 and results["float_test_acc"] > 0.8
     assert results["params"] > 0 and results["macs"] > results["params"]
     assert results["size_int_bytes"] < results["size_fp32_bytes"] / 3
+    assert results["integer_test_images"] == results["test_images"] == 360
+    assert results["integer_agreement"] >= 0.99  # the integer-only export, deployed
+    assert abs(results["integer_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
     assert (run / "config_resolved.yaml").exists() and (run / ".hydra" / "config.yaml").exists()
     assert (run / "checkpoints" / "last.ckpt").exists()
     metrics = (run / "csv" / "metrics.csv").read_text()
@@ -162,6 +165,7 @@ def test_two_job_multirun_and_report(tmp_path):
     ).stdout
     rows = [line for line in report.splitlines() if line.startswith("| digits_qat")]
     assert len(rows) == 2 and "| none |" in rows[0] and "| asym_unfold |" in rows[1]
+    assert rows[1].count("|") == rows[0].count("|") == 14  # 13 columns, integer-only among them
     for png in ("accuracy.png", "curves.png"):
         assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
 
