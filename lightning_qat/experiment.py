@@ -14,6 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
 
 from lightning_qat.calibrate import calibrate
 from lightning_qat.export import to_integer
@@ -167,4 +169,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["output_dir"] = str(output_dir)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:
+        _print_summary(results)
     return results
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    table = Table(title=f"{results['recipe']} / {results['variant']}: test accuracy")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    rows = [
+        ("as trained (fake-quant)" if results["quant"] else "FP32", "test_acc"),
+        ("same weights in float", "float_test_acc" if results["quant"] else None),
+        ("integer-only export", "integer_test_acc"),
+        ("integer top-1 = fake-quant top-1", "integer_agreement"),
+    ]
+    for label, key in rows:
+        if key and key in results:
+            table.add_row(label, f"{100 * results[key]:.2f}%")
+    Console().print(table)
+    Console().print(f"results: {results['output_dir']}/results.json")
