@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 out=${1:-outputs/nin_budget}
 python=${PYTHON:-.venv/bin/python}
 quiet=(callbacks.progress_bar=null trainer.enable_model_summary=false data.num_workers=0)
-if [ ! -f "$out/fp32/checkpoints/last.ckpt" ]; then
+latest() { ls "$out"/fp32/checkpoints/latest-epoch*.ckpt 2>/dev/null | tail -n 1; }
+if [ -z "$(latest)" ]; then
   "$python" train.py recipe=nin_fp32_cpu hydra.run.dir="$out/fp32" "${quiet[@]}"
 fi
-"$python" train.py -m recipe=nin_qat_cpu init_checkpoint="$out/fp32/checkpoints/last.ckpt" \
+"$python" train.py -m recipe=nin_qat_cpu init_checkpoint="$(latest)" \
   quant=none,sym_fold,sym_unfold,asym_fold,asym_unfold hydra.sweep.dir="$out/qat" "${quiet[@]}" \
   trainer.check_val_every_n_epoch=2 deploy.integer_test_batches=4
 "$python" -m lightning_qat.report "$out/qat"

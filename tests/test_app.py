@@ -138,7 +138,23 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
     assert results["integer_agreement"] >= 0.99  # the integer-only export, deployed
     assert abs(results["integer_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
     assert (run / "config_resolved.yaml").exists() and (run / ".hydra" / "config.yaml").exists()
-    assert (run / "checkpoints" / "last.ckpt").exists()
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints[-1] == "latest-epoch002.ckpt" and checkpoints[0].startswith("best-")
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_qat.export",
+            str(run / "checkpoints" / checkpoints[-1]),
+            "--evaluate",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert "top-1 equal to the fake-quant model" in export.stdout
+    assert (run / "checkpoints" / "latest-epoch002.integer.pt").exists()
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "qat/phase" in metrics and "val_acc" in metrics
 
@@ -222,7 +238,7 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
 def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
     fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
     assert fp32.returncode == 0, fp32.stderr[-3000:]
-    ckpt = tmp_path / "fp32" / "checkpoints" / "last.ckpt"
+    ckpt = next((tmp_path / "fp32" / "checkpoints").glob("latest-*.ckpt"))
     result = train(
         f"init_checkpoint={ckpt}",
         "+ptq.method=kl",
