@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_qat.calibrate import calibrate
-from lightning_qat.export import to_integer
+from lightning_qat.export import evaluate_integer, to_integer
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
 from lightning_qat.prepare import prepare_qat, quantizers
@@ -67,20 +67,7 @@ def _integer_results(
         integer = to_integer(module.model.eval())
     except ValueError as err:  # a model the integer reference cannot run (e.g. skips)
         return {"integer_error": str(err)}
-    hits = agree = seen = 0
-    for index, (x, y) in enumerate(datamodule.test_dataloader()):
-        if max_batches is not None and index >= max_batches:
-            break
-        x = x.to(module.device)
-        predicted = integer(x).argmax(1)
-        hits += int((predicted.cpu() == y).sum())
-        agree += int((predicted == module(x).argmax(1)).sum())
-        seen += len(y)
-    return {
-        "integer_test_acc": hits / seen,
-        "integer_agreement": agree / seen,
-        "integer_test_images": seen,
-    }
+    return evaluate_integer(integer, module, datamodule.test_dataloader(), max_batches)
 
 
 def build_module(cfg: DictConfig) -> ImageClassifier:

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_qat.checkpoint import restore_qat_checkpoint
-from lightning_qat.export.integer import to_integer
+from lightning_qat.export.integer import evaluate_integer, to_integer
 
 FORMATS = ("integer",)
 
@@ -52,16 +52,11 @@ def main(argv: list[str] | None = None) -> Path:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("test")
-        hits = agree = seen = 0
-        with torch.no_grad():
-            for x, y in datamodule.test_dataloader():
-                predicted = integer(x).argmax(1)
-                hits += int((predicted == y).sum())
-                agree += int((predicted == module(x).argmax(1)).sum())
-                seen += len(y)
+        result = evaluate_integer(integer, module, datamodule.test_dataloader())
         print(
-            f"test accuracy {100 * hits / seen:.2f}% on {seen} images; "
-            f"top-1 equal to the fake-quant model on {100 * agree / seen:.2f}%"
+            f"test accuracy {100 * result['integer_test_acc']:.2f}% on "
+            f"{result['integer_test_images']} images; top-1 equal to the fake-quant model on "
+            f"{100 * result['integer_agreement']:.2f}%"
         )
     return out
 

@@ -279,3 +279,28 @@ def to_integer(model: nn.Module) -> IntegerModel:
     if grid is None:
         raise ValueError("to_integer found no quantized layer: convert with prepare_qat first")
     return IntegerModel(*steps)
+
+
+@torch.no_grad()
+def evaluate_integer(
+    integer: IntegerModel, model: nn.Module, loader, max_batches: int | None = None
+) -> dict[str, float | int]:
+    """Test accuracy of ``integer`` and how often its top-1 equals ``model``'s, over the
+    (input, label) batches of ``loader`` (the first ``max_batches`` if given)."""
+    hits = agree = seen = 0
+    device = next(model.parameters()).device
+    for index, (x, y) in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        x = x.to(device)
+        predicted = integer(x).argmax(1).cpu()
+        hits += int((predicted == y).sum())
+        agree += int((predicted == model(x).argmax(1).cpu()).sum())
+        seen += len(y)
+    if not seen:
+        raise ValueError("evaluate_integer: the loader gave no batch")
+    return {
+        "integer_test_acc": hits / seen,
+        "integer_agreement": agree / seen,
+        "integer_test_images": seen,
+    }
