@@ -17,7 +17,8 @@ METHODS = ("minmax", "ema", "percentile", "kl")
 HISTOGRAM_BINS = 2048
 
 
-def _first(batch: Any) -> Any:
+def batch_input(batch: Any) -> Any:
+    """The model input of a batch: its first element for an (input, target) pair."""
     return batch[0] if isinstance(batch, list | tuple) else batch
 
 
@@ -96,7 +97,7 @@ def calibrate(
     *,
     percentile: float = 99.99,
     momentum: float = 0.1,
-    model_input: Callable[[Any], Any] = _first,
+    model_input: Callable[[Any], Any] = batch_input,
 ) -> nn.Module:
     """Post-training quantization: set the activation scales and zero points of a model
     already converted with `prepare_qat`, from ``num_batches`` batches, without training.

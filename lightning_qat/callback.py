@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from lightning_qat.calibrate import batch_input
 from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
 from lightning_qat.prepare import (
     ConversionPlan,
@@ -26,11 +27,6 @@ from lightning_qat.quant import QuantConfig, sqnr_db
 
 #: Phases, in order; logged as ``qat/phase`` so dashboards show when each began.
 PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
-
-
-def _default_calibration_input(batch: Any) -> Any:
-    """The model input of a batch: its first element for a (input, target) pair."""
-    return batch[0] if isinstance(batch, list | tuple) else batch
 
 
 def _check_epoch(name: str, value: int | None, allow_none: bool) -> None:
@@ -102,7 +98,7 @@ class QuantizationAwareTraining(L.Callback):
         freeze_bn_epoch: int | None = None,
         freeze_observer_epoch: int | None = None,
         calibration_batches: int = 0,
-        calibration_input: Callable[[Any], Any] = _default_calibration_input,
+        calibration_input: Callable[[Any], Any] = batch_input,
         fuse_pairs: Sequence[tuple[str, str]] | None = None,
         log_layer_stats: bool = True,
         verbose: bool = True,
