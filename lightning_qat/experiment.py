@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_qat.calibrate import calibrate
-from lightning_qat.export import evaluate_integer, to_integer
+from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
 from lightning_qat.prepare import prepare_qat, quantizers
@@ -57,17 +57,37 @@ def _set_fake_quant(module: torch.nn.Module, enabled: bool) -> list[bool]:
 
 
 @torch.no_grad()
-def _integer_results(
-    module: ImageClassifier, datamodule, max_batches: int | None
+def _deployment_results(
+    module: ImageClassifier, datamodule, deploy: DictConfig, example: torch.Tensor, out_dir: Path
 ) -> dict[str, Any]:
-    """Accuracy of the integer-only export and its top-1 agreement with the fake-quant
-    model, on the first ``max_batches`` test batches (all if None): the integer reference
-    runs exact arithmetic in float64, several times slower than the model."""
-    try:
-        integer = to_integer(module.model.eval())
-    except ValueError as err:  # a model the integer reference cannot run (e.g. skips)
-        return {"integer_error": str(err)}
-    return evaluate_integer(integer, module, datamodule.test_dataloader(), max_batches)
+    """Accuracy of the deployed models and their top-1 agreement with the fake-quant model:
+    the integer-only reference (``deploy.integer``; on the first
+    ``deploy.integer_test_batches`` test batches, as it runs exact arithmetic in float64,
+    several times slower than the model) and the ONNX int8 export in onnxruntime
+    (``deploy.onnx``; written to ``model.int8.onnx`` in the run directory)."""
+    results: dict[str, Any] = {}
+    model = module.model.eval()
+    if deploy.integer:
+        try:
+            integer = to_integer(model)
+        except ValueError as err:  # a model the integer reference cannot run (e.g. skips)
+            results["integer_error"] = str(err)
+        else:
+            loader = datamodule.test_dataloader()
+            results.update(
+                evaluate_deployment(integer, module, loader, "integer", deploy.integer_test_batches)
+            )
+    if deploy.onnx:
+        try:
+            path = to_onnx(model, out_dir / "model.int8.onnx", example)
+        except ValueError as err:
+            results["onnx_error"] = str(err)
+        else:
+            results["onnx_path"] = str(path)
+            results["onnx_bytes"] = path.stat().st_size
+            loader = datamodule.test_dataloader()
+            results.update(evaluate_deployment(OnnxRuntimeModel(path), module, loader, "onnx"))
+    return results
 
 
 def build_module(cfg: DictConfig) -> ImageClassifier:
@@ -149,8 +169,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for (_, quantizer), enabled in zip(quantizers(module), saved, strict=True):
             quantizer.enable_fake_quant(enabled)
         results["size_int_bytes"] = model_size_bytes(module.model, quantized=True)
-        if cfg.get("deploy") and cfg.deploy.integer:
-            results.update(_integer_results(module, datamodule, cfg.deploy.integer_test_batches))
+        if cfg.get("deploy"):
+            results.update(_deployment_results(module, datamodule, cfg.deploy, example, output_dir))
     else:
         results["float_test_acc"] = tested["test_acc"]
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
@@ -170,6 +190,8 @@ def _print_summary(results: dict[str, Any]) -> None:
         ("same weights in float", "float_test_acc" if results["quant"] else None),
         ("integer-only export", "integer_test_acc"),
         ("integer top-1 = fake-quant top-1", "integer_agreement"),
+        ("ONNX int8 in onnxruntime", "onnx_test_acc"),
+        ("ONNX top-1 = fake-quant top-1", "onnx_agreement"),
     ]
     for label, key in rows:
         if key and key in results:

@@ -56,10 +56,13 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _int_cell(run: dict[str, Any], key: str) -> str:
+def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
+    """A deployed model's ``{prefix}_{key}`` in percent, with its image count where it
+    was measured on part of the test set."""
+    key = f"{prefix}_{key}"
     if key not in run:
         return "-"
-    images = run.get("integer_test_images")
+    images = run.get(f"{prefix}_test_images")
     return _pct(run[key]) + (
         f" ({images} img)" if images and images != run.get("test_images") else ""
     )
@@ -72,9 +75,10 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     baseline = max(fp32) if fp32 else None
     lines = [
         "| recipe | variant | test acc (%) | vs FP32 | fake-quant (%) | same weights in float (%) "
-        "| integer-only (%) | int = fake-quant top-1 (%) "
-        "| params | MACs | size FP32 (KB) | size int (KB) | time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| integer-only (%) | int = fake-quant top-1 (%) | ONNX int8 (%) "
+        "| ONNX = fake-quant top-1 (%) | params | MACs | size FP32 (KB) | size int (KB) "
+        "| time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         delta = "-" if baseline is None else f"{100 * (r['test_acc'] - baseline):+.2f}"
@@ -82,7 +86,9 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['recipe']} | {r['variant']} | {_pct(r['test_acc'])} | {delta} "
             f"| {_pct(r.get('fake_quant_test_acc'))} | {_pct(r.get('float_test_acc'))} "
-            f"| {_int_cell(r, 'integer_test_acc')} | {_int_cell(r, 'integer_agreement')} "
+            f"| {_deployed_cell(r, 'integer', 'test_acc')} "
+            f"| {_deployed_cell(r, 'integer', 'agreement')} "
+            f"| {_deployed_cell(r, 'onnx', 'test_acc')} | {_deployed_cell(r, 'onnx', 'agreement')} "
             f"| {r['params']:,} | {r['macs']:,} | {r['size_fp32_bytes'] / 1024:.1f} "
             f"| {'-' if size_int is None else f'{size_int / 1024:.1f}'} "
             f"| {r['wall_time_s']:.0f} |"
@@ -150,8 +156,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
         f"# {sweep_dir}\n\n{markdown_table(runs)}\n"
         "test acc: the model as trained (fake-quant for QAT variants); same weights in "
         "float: fake quantization switched off; integer-only: the exported integer model "
-        "(lightning_qat.export.to_integer), on the test images shown where not all. vs "
-        "FP32: points against the best FP32 row of this sweep.\n\n"
+        "(lightning_qat.export.to_integer), on the test images shown where not all; ONNX "
+        "int8: the QDQ export (lightning_qat.export.to_onnx) in onnxruntime. vs FP32: "
+        "points against the best FP32 row of this sweep.\n\n"
         "![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
     )
     return report

@@ -137,24 +137,33 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
     assert results["integer_test_images"] == results["test_images"] == 360
     assert results["integer_agreement"] >= 0.99  # the integer-only export, deployed
     assert abs(results["integer_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
+    # the int8 ONNX export in onnxruntime, trained with a float first-layer input (as the
+    # reference) and so exported: it scores what training reported
+    assert results["onnx_test_images"] == 360 and results["onnx_agreement"] >= 0.99
+    assert abs(results["onnx_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
+    assert Path(results["onnx_path"]) == run / "model.int8.onnx"
+    assert results["onnx_bytes"] == (run / "model.int8.onnx").stat().st_size
     assert (run / "config_resolved.yaml").exists() and (run / ".hydra" / "config.yaml").exists()
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints[-1] == "latest-epoch002.ckpt" and checkpoints[0].startswith("best-")
-    export = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_qat.export",
-            str(run / "checkpoints" / checkpoints[-1]),
-            "--evaluate",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert export.returncode == 0, export.stderr[-2000:]
-    assert "top-1 equal to the fake-quant model" in export.stdout
-    assert (run / "checkpoints" / "latest-epoch002.integer.pt").exists()
+    for fmt, suffix in (("onnx", ".int8.onnx"), ("integer", ".integer.pt")):
+        export = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lightning_qat.export",
+                str(run / "checkpoints" / checkpoints[-1]),
+                "--format",
+                fmt,
+                "--evaluate",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert export.returncode == 0, export.stderr[-2000:]
+        assert "top-1 equal to the fake-quant model" in export.stdout
+        assert (run / "checkpoints" / f"latest-epoch002{suffix}").exists()
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "qat/phase" in metrics and "val_acc" in metrics
 
@@ -181,7 +190,11 @@ def test_two_job_multirun_and_report(tmp_path):
     ).stdout
     rows = [line for line in report.splitlines() if line.startswith("| digits_qat")]
     assert len(rows) == 2 and "| none |" in rows[0] and "| asym_unfold |" in rows[1]
-    assert rows[1].count("|") == rows[0].count("|") == 14  # 13 columns, integer-only among them
+    # 15 columns, the integer-only and ONNX int8 accuracies among them
+    assert rows[1].count("|") == rows[0].count("|") == 16
+    onnx_acc = float(rows[1].split("|")[9])
+    results = json.loads(next(sweep.glob("1_*/results.json")).read_text())
+    assert onnx_acc == round(100 * results["onnx_test_acc"], 2)
     for png in ("accuracy.png", "curves.png"):
         assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from qat_digits import train_qat_digits
 from torch import nn
 
-from lightning_qat import QuantConfig, QuantConvBn2d, prepare_qat, quantized_layers
-from lightning_qat.data import DigitsData
+from lightning_qat import QuantConfig, prepare_qat, quantized_layers
 from lightning_qat.export import quantize_multiplier, requantize, to_integer
 from lightning_qat.export.integer import IntegerLayer
-from lightning_qat.models import LeNet
 
 
 def test_multiplier_is_q31_with_a_shift_and_requantizes_within_half_an_lsb():
@@ -33,25 +32,6 @@ def test_rounding_matches_gemmlowp():
     m0, shift = quantize_multiplier(torch.tensor([0.25]))
     assert shift.item() == 1
     assert requantize(torch.tensor([2, -2, 6, -6]), m0, shift).tolist() == [1, -1, 2, -2]
-
-
-def train_qat_digits(config, epochs=4):
-    torch.manual_seed(0)
-    data = DigitsData(batch_size=64)
-    data.setup()
-    model = prepare_qat(LeNet(image_size=8, widths=(16, 32, 64)), config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for epoch in range(epochs):
-        model.train()
-        if epoch == epochs - 1:
-            for layer in model.modules():
-                if isinstance(layer, QuantConvBn2d):
-                    layer.freeze_bn()
-        for x, y in data.train_dataloader():
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval(), data
 
 
 @pytest.fixture(scope="module", params=["sym_fold", "asym_fold"])

@@ -1,9 +1,10 @@
-"""Export a train.py checkpoint: ``python -m lightning_qat.export <ckpt> --format integer``.
+"""Export a train.py checkpoint: ``python -m lightning_qat.export <ckpt> --format onnx|integer``.
 
 The run's ``config_resolved.yaml`` (next to ``checkpoints/``) rebuilds the model; the
-checkpoint's QAT state converts and loads it. ``--format integer`` writes the
-integer-only model (`to_integer`) with ``torch.save`` and, with ``--evaluate``, its test
-accuracy and top-1 agreement with the fake-quant model. (ONNX is the next format.)
+checkpoint's QAT state converts and loads it. ``--format onnx`` (the default) writes
+the int8 QDQ model for onnxruntime (`to_onnx`); ``--format integer`` the integer-only
+reference model (`to_integer`) with ``torch.save``. ``--evaluate`` measures the export's
+test accuracy and its top-1 agreement with the fake-quant model.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_qat.checkpoint import restore_qat_checkpoint
-from lightning_qat.export.integer import evaluate_integer, to_integer
+from lightning_qat.export.integer import to_integer
+from lightning_qat.export.onnx_export import to_onnx
+from lightning_qat.export.runtime import OnnxRuntimeModel, evaluate_deployment
 
-FORMATS = ("integer",)
+FORMATS = ("onnx", "integer")
+SUFFIXES = {"onnx": ".int8.onnx", "integer": ".integer.pt"}
 
 
 def _run_config(ckpt: Path):
@@ -35,28 +39,41 @@ def _run_config(ckpt: Path):
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--format", choices=FORMATS, default="integer")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--out", type=Path, help="output file (default: next to the checkpoint)")
+    parser.add_argument(
+        "--quantize-input",
+        action="store_true",
+        help="onnx: quantize the first layer's input even where training left it float",
+    )
     parser.add_argument("--evaluate", action="store_true", help="test accuracy of the export")
     args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"no checkpoint at {args.checkpoint}")
     cfg = _run_config(args.checkpoint)
     # the same construction as train.py (imported here: the app layer sits above export)
     from lightning_qat.experiment import build_module
 
-    module = restore_qat_checkpoint(build_module(cfg), args.checkpoint)
-    integer = to_integer(module.model)
-    out = args.out or args.checkpoint.with_suffix(".integer.pt")
-    torch.save(integer, out)
-    print(f"integer-only model: {out}")
+    module = restore_qat_checkpoint(build_module(cfg), args.checkpoint).eval()
+    datamodule = instantiate(cfg.data)
+    out = args.out or args.checkpoint.with_suffix(SUFFIXES[args.format])
+    if args.format == "onnx":
+        size = datamodule.image_size
+        example = torch.zeros(1, datamodule.in_channels, size, size)
+        to_onnx(module.model, out, example, quantize_input=args.quantize_input or None)
+        deployed = OnnxRuntimeModel(out)
+    else:
+        deployed = to_integer(module.model)
+        torch.save(deployed, out)
+    print(f"{args.format} model: {out}")
     if args.evaluate:
-        datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("test")
-        result = evaluate_integer(integer, module, datamodule.test_dataloader())
+        result = evaluate_deployment(deployed, module, datamodule.test_dataloader(), "export")
         print(
-            f"test accuracy {100 * result['integer_test_acc']:.2f}% on "
-            f"{result['integer_test_images']} images; top-1 equal to the fake-quant model on "
-            f"{100 * result['integer_agreement']:.2f}%"
+            f"test accuracy {100 * result['export_test_acc']:.2f}% on "
+            f"{result['export_test_images']} images; top-1 equal to the fake-quant model on "
+            f"{100 * result['export_agreement']:.2f}%"
         )
     return out
 
