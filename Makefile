@@ -24,3 +24,4 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/qat_overhead.py
+	$(PY) bench/int8_inference.py

@@ -37,6 +37,35 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     assert "| FP32 | " in out and "| 1.00x |" in out
 
 
+def test_int8_inference_bench_prints_every_runtime_as_a_ratio():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/int8_inference.py",
+            "--quick",
+            "--batch-sizes",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for variant in (
+        "PyTorch FP32 eager",
+        "onnxruntime FP32",
+        "ours int8 ONNX, symmetric",
+        "ours int8 ONNX, asymmetric",
+        "ours int8 ONNX, symmetric, float first input",
+    ):
+        assert f"| {variant} |" in out, out
+    assert "| PyTorch FP32 eager | " in out and "| 1.00x |" in out
+
+
 def test_digits_demo_quantized_model_keeps_its_accuracy():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
