@@ -37,6 +37,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch_ao_baselines import torch_ao_int8
 
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.export import OnnxRuntimeModel, to_onnx
@@ -120,28 +121,6 @@ def onnxruntime_static_quantization(
         per_channel=True,
     )
     return out
-
-
-def torch_ao_int8(model: nn.Sequential, batches: list[torch.Tensor]) -> nn.Module | None:
-    """torch.ao eager-mode post-training int8 conversion (x86 backend), or None."""
-    try:
-        from torch.ao import quantization as ao
-    except ImportError:
-        return None
-    groups = [
-        [str(i), str(i + 1), str(i + 2)] for i, m in enumerate(model) if isinstance(m, nn.Conv2d)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-        torch.backends.quantized.engine = "x86"
-        fused = ao.fuse_modules(model.eval(), groups)
-        wrapped = nn.Sequential(ao.QuantStub(), fused, ao.DeQuantStub())
-        wrapped.qconfig = ao.get_default_qconfig("x86")
-        prepared = ao.prepare(wrapped)
-        with torch.no_grad():
-            for x in batches:
-                prepared(x)
-        return ao.convert(prepared)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

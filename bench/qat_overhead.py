@@ -24,30 +24,14 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch_ao_baselines import torch_ao_qat
 
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.models import NIN, NIN_WIDTHS
-
-
-def torch_ao_qat(model: nn.Sequential) -> nn.Module | None:
-    """torch.ao eager-mode QAT of a Sequential NIN, or None where torch no longer ships it."""
-    try:
-        from torch.ao import quantization as ao
-    except ImportError:
-        return None
-    groups = [
-        [str(i), str(i + 1), str(i + 2)] for i, m in enumerate(model) if isinstance(m, nn.Conv2d)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
-        model = ao.fuse_modules_qat(model.train(), groups)
-        model.qconfig = ao.get_default_qat_qconfig("fbgemm")
-        return ao.prepare_qat(model)
 
 
 def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:

@@ -169,14 +169,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for (_, quantizer), enabled in zip(quantizers(module), saved, strict=True):
             quantizer.enable_fake_quant(enabled)
         results["size_int_bytes"] = model_size_bytes(module.model, quantized=True)
-        if cfg.get("deploy"):
+        if cfg.get("deploy") and trainer.is_global_zero:  # one rank writes the exports
             results.update(_deployment_results(module, datamodule, cfg.deploy, example, output_dir))
     else:
         results["float_test_acc"] = tested["test_acc"]
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     results["output_dir"] = str(output_dir)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         _print_summary(results)
     return results
 

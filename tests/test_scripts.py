@@ -7,24 +7,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/qat_overhead.py",
-            "--quick",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",
-            "--malloc",
-            "current",
-        ],
+def run_bench(script: str, *args: str) -> str:
+    """A benchmark's output in its quickest settings: tiny model, one round, no warm-up."""
+    return subprocess.run(
+        [sys.executable, f"bench/{script}", "--quick", "--rounds", "1", "--warmup", "0", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
+    out = run_bench("qat_overhead.py", "--malloc", "current")
     for variant in (
         "FP32",
         "ours sym folded",
@@ -38,23 +33,7 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
 
 
 def test_int8_inference_bench_prints_every_runtime_as_a_ratio():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/int8_inference.py",
-            "--quick",
-            "--batch-sizes",
-            "2",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_bench("int8_inference.py", "--batch-sizes", "2")
     for variant in (
         "PyTorch FP32 eager",
         "onnxruntime FP32",

@@ -37,9 +37,15 @@ def _run_config(ckpt: Path):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_qat.export",
+        description="Export a train.py checkpoint: the int8 ONNX model for onnxruntime "
+        "(onnx) or the integer-only reference (integer).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint of a train.py run")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="onnx", help="what to write (default: onnx)"
+    )
     parser.add_argument("--out", type=Path, help="output file (default: next to the checkpoint)")
     parser.add_argument(
         "--quantize-input",
