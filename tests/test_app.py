@@ -87,6 +87,13 @@ def test_nin_qat_variants(composed, variant):
     assert cfg.trainer.max_epochs == 30 and cfg.model.bn_momentum == 0.01
 
 
+def test_int8_input_variant_is_sym_fold_with_a_quantized_first_input(composed):
+    sym_fold = composed("recipe=nin_qat_cpu", "quant=sym_fold").quant
+    cfg = composed("recipe=nin_qat_cpu", "quant=sym_fold_int8_input")
+    assert cfg.quant.quantize_first_input and not sym_fold.quantize_first_input
+    assert {**sym_fold, "quantize_first_input": True} == dict(cfg.quant)
+
+
 def test_w4a8_recipe_has_4bit_weights(composed):
     cfg = composed("recipe=resnet20_w4a8_qat")
     assert (cfg.quant.weight_bits, cfg.quant.activation_bits) == (4, 8)
