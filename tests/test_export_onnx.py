@@ -175,6 +175,12 @@ def test_nin_exports_with_its_float_global_pooling(symmetric, tmp_path):
     assert ops[-3:] == ["GlobalAveragePool", "Flatten", "Identity"]
 
 
+def test_an_mlp_that_flattens_its_input_first_exports(tmp_path):
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = observed(mlp, QuantConfig(quantize_first_input=True), (3, 4, 4))
+    assert_deploys_like_the_integer_reference(model, 3 * torch.randn(64, 3, 4, 4), tmp_path)
+
+
 def test_a_dead_channel_keeps_its_bias_in_int32(tmp_path):
     """A channel with all-zero weights (pruned) behind a BN with a bias: the minimum weight
     scale would put ``b / (s_x s_w)`` far past int32; its scale is raised instead."""

@@ -136,8 +136,8 @@ class _Exporter:
     def input(self, step: plan.QuantizeInput) -> None:
         policy = self.input_policy
         keep_float = step.float_in_training if policy is None else not policy
-        if not keep_float:
-            self.value = self.quantize("input", step.grid, "input")
+        if not keep_float:  # the graph input, or its flattened view
+            self.value = self.quantize(self.value, step.grid, "input")
 
     def layer(self, step: plan.QuantizedLayer) -> None:
         g = self.graph

@@ -245,7 +245,7 @@ def plan_deployment(model: nn.Module) -> list[Step]:
             quantizer = module.activation_quantizer
             layer_input = _input_grid(quantizer, name)
             if not started:
-                if steps:
+                if any(not isinstance(step, Flatten) for step in steps):
                     raise ValueError(
                         f"export: {type(leaves[index - 1][1]).__name__} runs in float before "
                         "the first quantized layer; only the input may be float"
