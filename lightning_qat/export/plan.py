@@ -147,7 +147,7 @@ def _float_weight_and_bias(
         weight, bias = layer.weight_to_quantize(), layer.folded_bias(factor)
     else:
         weight = layer.weight
-        bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0])
+        bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     if quantizer.observer_enabled:
         quantizer(weight)  # the scales of the current weights, as an eval forward computes
     scale, zero_point = quantizer.scale, quantizer.zero_point
