@@ -30,6 +30,7 @@ class _RangeCollector:
         self.momentum = momentum
         self.min = self.max = None  # running (minmax) or EMA (ema) range
         self.histogram: torch.Tensor | None = None
+        self.zeros = 0  # exact zeros among the histogram's values (ReLU outputs)
         self.abs_max: float = 0.0
 
     def observe_range(self, x: torch.Tensor) -> None:
@@ -49,6 +50,7 @@ class _RangeCollector:
         values = x.detach().float().abs().flatten()
         hist = torch.histc(values, bins=HISTOGRAM_BINS, min=0.0, max=max(self.abs_max, 1e-12))
         self.histogram = hist if self.histogram is None else self.histogram + hist
+        self.zeros += int((values == 0).sum())
 
 
 def percentile_threshold(histogram: torch.Tensor, bin_width: float, percentile: float) -> float:
@@ -162,7 +164,12 @@ def calibrate(
                     if quantizer.symmetric or low < 0
                     else (quantizer.quant_max - quantizer.quant_min)
                 )
-                threshold = kl_threshold(c.histogram, width, levels)
+                # Exact zeros (half of a ReLU output, often more) are exact under any
+                # threshold; left in the first bin they dominate the distributions and
+                # pull the threshold far down (NIN: 41 points lost). KL of the rest.
+                histogram = c.histogram.clone()
+                histogram[0] -= c.zeros
+                threshold = kl_threshold(histogram, width, levels)
             low, high = max(low, -threshold), min(high, threshold)
         observer = quantizer.observer
         observer.min_val.fill_(low)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU budget protocol of DESIGN.md section 5, end to end (about 100 min on 2 cores):
+# The CPU budget protocol of DESIGN.md section 5, end to end (about 115 min on 2 cores):
 # FP32 pre-training of NIN on a fixed class-balanced 10k subset of CIFAR-10 (JPEG), then
 # QAT fine-tuning of each variant from that checkpoint, with the FP32 row (quant=none)
 # fine-tuned the same way for fairness, then post-training quantization (PTQ) of the
@@ -17,7 +17,7 @@ if [ -z "$(latest)" ]; then
   "$python" train.py recipe=nin_fp32_cpu hydra.run.dir="$out/fp32" "${quiet[@]}"
 fi
 "$python" train.py -m recipe=nin_qat_cpu init_checkpoint="$(latest)" \
-  quant=none,sym_fold,sym_unfold,asym_fold,asym_unfold hydra.sweep.dir="$out/qat" "${quiet[@]}" \
+  quant=none,sym_fold,sym_unfold,asym_fold,asym_unfold,sym_fold_int8_input hydra.sweep.dir="$out/qat" "${quiet[@]}" \
   trainer.check_val_every_n_epoch=2 deploy.integer_test_batches=4
 "$python" train.py -m recipe=nin_ptq_cpu init_checkpoint="$(latest)" \
   ptq.method=minmax,ema,percentile,kl hydra.sweep.dir="$out/qat/ptq" "${quiet[@]}" \

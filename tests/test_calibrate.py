@@ -67,6 +67,20 @@ def test_kl_keeps_a_uniform_range_and_clips_a_long_tail():
     assert 3.0 < threshold < 20.0
 
 
+def test_kl_is_not_pulled_down_by_the_zeros_of_a_relu():
+    """Half of a ReLU output is exactly 0, exact under any threshold: the threshold must
+    be the one of the non-zero values (it was 7x lower with the zeros in the first bin)."""
+    torch.manual_seed(0)
+    positive = torch.distributions.Exponential(1.0).sample((4, 20_000, 4))
+    relu_like = torch.where(torch.rand(positive.shape) < 0.5, 0.0, positive)
+    thresholds = []
+    for batches in (positive, relu_like):
+        model, loader = probe(list(batches))
+        calibrate(model, loader, "kl", num_batches=4)
+        thresholds.append(first_range(model)[1])
+    assert thresholds[1] > 0.75 * thresholds[0]
+
+
 def test_bad_arguments_are_named():
     model, loader = probe([torch.zeros(1, 4)])
     with pytest.raises(ValueError, match=r"method=.entropy.*minmax, ema, percentile, kl"):
