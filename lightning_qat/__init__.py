@@ -8,6 +8,7 @@ from lightning_qat.callback import QuantizationAwareTraining
 from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
 from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
 from lightning_qat.prepare import (
+    activation_quantizers,
     find_conv_bn_pairs,
     plan_qat,
     prepare_qat,
@@ -33,6 +34,7 @@ __all__ = [
     "QuantConvBn2d",
     "QuantLinear",
     "QuantizationAwareTraining",
+    "activation_quantizers",
     "calibrate",
     "compute_qparams",
     "find_conv_bn_pairs",

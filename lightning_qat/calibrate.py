@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_qat.prepare import quantized_layers
+from lightning_qat.prepare import activation_quantizers, quantized_layers
 from lightning_qat.quant import FakeQuantize
 
 METHODS = ("minmax", "ema", "percentile", "kl")
@@ -124,12 +124,11 @@ def calibrate(
     if not layers:
         raise ValueError("calibrate needs a model converted with prepare_qat(model, config)")
     model.eval()
-    quantizers: dict[str, FakeQuantize] = {n: m.activation_quantizer for n, m in layers.items()}
+    quantizers: dict[str, FakeQuantize] = dict(activation_quantizers(model))
     fake_quant = {n: q.fake_quant_enabled for n, q in quantizers.items()}
     collectors = {n: _RangeCollector(method, momentum) for n in quantizers}
-    for layer in layers.values():  # a float forward pass, weights included
-        for q in (layer.activation_quantizer, layer.weight_quantizer):
-            q.enable_fake_quant(False).enable_observer(False)
+    for q in [*quantizers.values(), *(layer.weight_quantizer for layer in layers.values())]:
+        q.enable_fake_quant(False).enable_observer(False)  # a float forward pass
 
     passes = ["observe_range"] + (["observe_histogram"] if method in ("percentile", "kl") else [])
     device = next(model.parameters()).device

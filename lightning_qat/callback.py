@@ -18,8 +18,9 @@ from lightning_qat.calibrate import batch_input
 from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
 from lightning_qat.prepare import (
     ConversionPlan,
+    activation_quantizers,
+    apply_plan,
     plan_qat,
-    prepare_qat,
     quantized_layers,
     quantizers,
 )
@@ -231,14 +232,15 @@ class QuantizationAwareTraining(L.Callback):
                         layer.freeze_bn()
                 self.phase = "bn_frozen"
             if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
-                for _, layer in quantized_layers(pl_module):
-                    layer.activation_quantizer.enable_observer(False)
-                    if self.freeze_weight_ranges:
+                for _, quantizer in activation_quantizers(pl_module):
+                    quantizer.enable_observer(False)
+                if self.freeze_weight_ranges:
+                    for _, layer in quantized_layers(pl_module):
                         layer.weight_quantizer.enable_observer(False)
                 self.phase = "observers_frozen"
         self._clipping = {}
         if self.log_layer_stats and converted:
-            for name, quantizer in self._activation_quantizers(pl_module):
+            for name, quantizer in activation_quantizers(pl_module):
                 quantizer.clipping_counts = self._clipping[name] = {"clipped": 0, "total": 0}
         self._log(trainer, {"qat/phase": float(PHASES.index(self.phase))})
 
@@ -262,22 +264,24 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         # Clipping is sampled on the epoch's first batch: counting costs a pass.
         if self._clipping:
-            for _, quantizer in self._activation_quantizers(pl_module):
+            for _, quantizer in activation_quantizers(pl_module):
                 quantizer.clipping_counts = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.log_layer_stats and _is_converted(pl_module)):
             return
         metrics: dict[str, float] = {}
-        for name, layer in quantized_layers(pl_module):
-            act = layer.activation_quantizer
+        for name, act in activation_quantizers(pl_module):
+            # a layer's own input quantizer is logged under the layer's name
+            key = name.removesuffix(".activation_quantizer")
             if act.fake_quant_enabled:
-                metrics[f"qat/{name}/act_scale"] = float(act.scale)
-                metrics[f"qat/{name}/act_zero_point"] = float(act.zero_point)
+                metrics[f"qat/{key}/act_scale"] = float(act.scale)
+                metrics[f"qat/{key}/act_zero_point"] = float(act.zero_point)
                 counts = self._clipping.get(name)
                 if counts and counts["total"]:
-                    metrics[f"qat/{name}/act_clipped"] = counts["clipped"] / counts["total"]
+                    metrics[f"qat/{key}/act_clipped"] = counts["clipped"] / counts["total"]
             act.observer.warn_if_nonfinite()
+        for name, layer in quantized_layers(pl_module):
             with torch.no_grad():
                 weight = layer.weight_to_quantize()
                 quantizer = layer.weight_quantizer
@@ -295,9 +299,9 @@ class QuantizationAwareTraining(L.Callback):
             self._print_layers(module)
 
     def _convert(self, module: nn.Module) -> None:
+        # The plan made at set-up: the model is not traced (and warned about) twice.
         plan = self._plan or plan_qat(module, self.config, fuse_pairs=self.fuse_pairs)
-        # The pairs found at set-up: the model is not traced (and warned about) twice.
-        prepare_qat(module, self.config, fuse_pairs=plan.pairs)
+        apply_plan(module, self.config, plan)
         self.phase = "qat"
 
     def _configure_distributed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -310,17 +314,13 @@ class QuantizationAwareTraining(L.Callback):
             if isinstance(module, FoldedBatchNorm2d):
                 module.sync = sync_bn or module.sync
 
-    def _activation_quantizers(self, pl_module: nn.Module):
-        for name, layer in quantized_layers(pl_module):
-            yield name, layer.activation_quantizer
-
     @torch.no_grad()
     def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run training batches through the model to set the activation ranges: the model
         in eval (BN statistics untouched), its activation quantizers in training mode."""
         was_training = pl_module.training
         pl_module.eval()
-        for _, quantizer in self._activation_quantizers(pl_module):
+        for _, quantizer in activation_quantizers(pl_module):
             quantizer.train()
         loader = trainer.train_dataloader
         for index, batch in enumerate(loader):
@@ -345,6 +345,16 @@ class QuantizationAwareTraining(L.Callback):
                 f"int{a.bits}" if a.fake_quant_enabled else "float (observed)",
                 "symmetric" if w.symmetric else "asymmetric",
             )
+        placement = self._plan.placement if self._plan is not None else None
+        for point in placement.tensor_quantizers if placement else []:
+            table.add_row(
+                f"{point.module}.output_quantizer",
+                "tensor quantizer",
+                "-",
+                "-",
+                f"int{self.config.activation_bits}",
+                "read by " + ", ".join(point.readers),
+            )
         Console().print(table)
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -355,7 +365,8 @@ class QuantizationAwareTraining(L.Callback):
 
 
 def _is_quantizer_key(key: str) -> bool:
-    return ".activation_quantizer." in key or ".weight_quantizer." in key
+    parts = ("activation_quantizer", "weight_quantizer", "output_quantizer", "input_quantizer")
+    return any(f".{part}." in key for part in parts)
 
 
 def _is_converted(module: nn.Module) -> bool:

@@ -7,11 +7,21 @@ import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lightning_qat.graph import (
+    INPUT_QUANTIZER,
+    OUTPUT_QUANTIZER,
+    Placement,
+    QuantizeInput,
+    QuantizeOutput,
+    place,
+    trace,
+)
+from lightning_qat.graph.trace import module_device
 from lightning_qat.nn import (
     QUANTIZED_LAYERS,
     FoldedBatchNorm2d,
@@ -158,15 +168,62 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @dataclass
 class ConversionPlan:
-    """What `prepare_qat` will do: the layers to quantize, in call order, and the
-    (conv, bn) pairs to fold."""
+    """What `prepare_qat` will do: the layers to quantize, in call order, the (conv, bn)
+    pairs to fold, and where the activations are quantized beyond each layer's own input
+    (`lightning_qat.graph.Placement`: residual adds, concatenations, tensors several
+    layers read)."""
 
     layers: list[str]
     pairs: list[tuple[str, str]]
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def folded(self) -> dict[str, str]:
         return dict(self.pairs)
+
+
+def _place(model: nn.Module, layers: list[str]) -> Placement:
+    """The placement of the activation quantizers, with a warning for what stays float.
+
+    A module torch.fx cannot trace is skipped and its children placed one by one (as
+    `_analyse` finds BN pairs): what flows between them in its own ``forward`` is not
+    seen, and said so."""
+    placement, untraced = Placement(), []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        try:
+            traced = trace(module)
+        except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
+            untraced.append(f"{prefix or type(model).__name__} ({type(err).__name__}: {err})")
+            for name, child in module.named_children():
+                visit(child, _prefixed(prefix, name))
+            return
+        start = f"{prefix}." if prefix else ""
+        local = {n[len(start) :] for n in layers if n.startswith(start)}
+        found = place(traced, local, prefix=prefix)
+        placement.tensor_quantizers.extend(found.tensor_quantizers)
+        placement.float_ops.extend(found.float_ops)
+        placement.unquantized.extend(found.unquantized)
+
+    visit(model, "")
+    name = type(model).__name__
+    if untraced:
+        warnings.warn(
+            "prepare_qat: torch.fx could not trace " + "; ".join(untraced) + ": their "
+            "children were placed one by one, and residual adds or concatenations in their "
+            "own forward (if any) run in float; exporting needs a model torch.fx can trace",
+            UserWarning,
+            stacklevel=4,
+        )
+    if placement.stays_float:
+        warnings.warn(
+            f"prepare_qat: in {name}, these ops stay float (no integer runtime runs them: "
+            "deployment dequantizes before them and quantizes after, and the export refuses "
+            "what it cannot express): " + "; ".join(placement.stays_float),
+            UserWarning,
+            stacklevel=4,
+        )
+    return placement
 
 
 def plan_qat(
@@ -206,7 +263,7 @@ def plan_qat(
             f"prepare_qat found nothing to quantize in {type(model).__name__}: no float "
             f"nn.Conv2d or nn.Linear outside exclude={list(config.exclude)}"
         )
-    return ConversionPlan(layers=order, pairs=pairs)
+    return ConversionPlan(layers=order, pairs=pairs, placement=_place(model, order))
 
 
 def prepare_qat(
@@ -236,7 +293,11 @@ def prepare_qat(
         ValueError: as `plan_qat`.
     """
     config = config or QuantConfig()
-    plan = plan_qat(model, config, fuse_pairs=fuse_pairs)
+    return apply_plan(model, config, plan_qat(model, config, fuse_pairs=fuse_pairs))
+
+
+def apply_plan(model: nn.Module, config: QuantConfig, plan: ConversionPlan) -> nn.Module:
+    """Convert ``model`` in place as `plan_qat` planned it (see `prepare_qat`)."""
     bn_of = plan.folded
     modules = dict(model.named_modules())
     for index, name in enumerate(plan.layers):
@@ -253,7 +314,29 @@ def prepare_qat(
         for quantizer_name in ("activation_quantizer", "weight_quantizer"):
             getattr(new, quantizer_name).observer.name = f"{name}.{quantizer_name}"
         _set_submodule(model, name, new)
+    _attach_tensor_quantizers(model, config, plan.placement)
     return model
+
+
+def _attach_tensor_quantizers(model: nn.Module, config: QuantConfig, placement: Placement) -> None:
+    """Give each module of ``placement`` an ``output_quantizer`` applied by a forward hook
+    (or an ``input_quantizer`` applied by a forward pre-hook; no ``forward`` changes),
+    shared as ``activation_quantizer`` by the layers reading it."""
+    device = module_device(model)
+    for point in placement.tensor_quantizers:
+        module = model.get_submodule(point.module)
+        quantizer = FakeQuantize.for_activations(config).to(device)
+        attribute = INPUT_QUANTIZER if point.on_input else OUTPUT_QUANTIZER
+        quantizer.observer.name = f"{point.module}.{attribute}"
+        module.add_module(attribute, quantizer)
+        if point.on_input:
+            module.register_forward_pre_hook(QuantizeInput())
+        else:
+            module.register_forward_hook(QuantizeOutput())
+        for name in point.layers:
+            layer = model.get_submodule(name)
+            layer.activation_quantizer = quantizer
+            layer.input_quantized_upstream = True
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
@@ -261,6 +344,15 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantize):
             yield name, module
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
+    """``(name, quantizer)`` for every activation quantizer in ``model``, each once: the
+    layers' own input quantizers and the standalone ones (residual adds, shared inputs)."""
+    weights = {id(layer.weight_quantizer) for _, layer in quantized_layers(model)}
+    for name, quantizer in quantizers(model):
+        if id(quantizer) not in weights:
+            yield name, quantizer
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -64,8 +64,15 @@ def test_convbn_without_quantization_matches_float_conv_bn_in_eval_mode(geometry
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def int32_bias(bias, activation_quantizer, weight_quantizer):
+    """The bias on the accumulator's grid: s_b round(b / s_b), s_b = s_x s_w (Jacob et al.
+    2018, section 2.4)."""
+    scale = (activation_quantizer.scale * weight_quantizer.scale).double()
+    return (torch.round(bias.double() / scale) * scale).float()
+
+
 def folded_reference(layer, x):
-    """conv(Q_a(x), Q_w(w_fold)) + folded bias, written out from DESIGN.md section 3."""
+    """conv(Q_a(x), Q_w(w_fold)) + Q_b(folded bias), written out from DESIGN.md section 3."""
     bn, wq, aq = layer.bn, layer.weight_quantizer, layer.activation_quantizer
     factor = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     w_fold = layer.weight * factor.reshape(-1, 1, 1, 1)
@@ -76,7 +83,7 @@ def folded_reference(layer, x):
         x, aq.scale, aq.zero_point, aq.quant_min, aq.quant_max
     )
     conv_bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.bias)
-    bias = bn.bias + (conv_bias - bn.running_mean) * factor
+    bias = int32_bias(bn.bias + (conv_bias - bn.running_mean) * factor, aq, wq)
     return F.conv2d(x_q, w_q, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
@@ -130,19 +137,19 @@ def test_quant_conv_and_linear_quantize_input_and_weight(cls):
         float_layer = nn.Conv2d(3, 6, 3, groups=3)
         x = torch.randn(2, 3, 8, 8)
         layer = QuantConv2d.from_float(float_layer, QuantConfig(weight_bits=4))
-        op = lambda xq, wq: F.conv2d(xq, wq, float_layer.bias, groups=3)  # noqa: E731
+        op = lambda xq, wq, b: F.conv2d(xq, wq, b, groups=3)  # noqa: E731
     else:
         float_layer = nn.Linear(5, 7)
         x = torch.randn(4, 5)
         layer = QuantLinear.from_float(float_layer, QuantConfig(weight_bits=4))
-        op = lambda xq, wq: F.linear(xq, wq, float_layer.bias)  # noqa: E731
+        op = lambda xq, wq, b: F.linear(xq, wq, b)  # noqa: E731
     y = layer(x)
     aq, wq = layer.activation_quantizer, layer.weight_quantizer
     x_q = torch.fake_quantize_per_tensor_affine(x, aq.scale, aq.zero_point, -127, 127)
     w_q = torch.fake_quantize_per_channel_affine(
         float_layer.weight, wq.scale, wq.zero_point, 0, -7, 7
     )
-    assert torch.equal(y, op(x_q, w_q))
+    assert torch.equal(y, op(x_q, w_q, int32_bias(float_layer.bias, aq, wq)))
     assert not torch.allclose(y, float_layer(x))  # 4-bit weights do change the output
     assert wq.scale.shape == (float_layer.weight.shape[0],)
 
@@ -153,7 +160,8 @@ def test_quantize_input_false_observes_but_keeps_input_float():
     layer(x)
     assert layer.activation_quantizer.observer.max_val.item() == x.max().item()
     w_q = layer.weight_quantizer(layer.weight)
-    assert torch.equal(layer(x), F.linear(x, w_q, layer.bias))
+    bias = int32_bias(layer.bias, layer.activation_quantizer, layer.weight_quantizer)
+    assert torch.equal(layer(x), F.linear(x, w_q, bias))
 
 
 @pytest.mark.parametrize("kind", ["conv", "convbn", "linear"])

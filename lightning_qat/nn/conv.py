@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_qat.nn.layer import QuantizedLayerMixin
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
@@ -25,8 +26,9 @@ def conv2d_kwargs(conv: nn.Conv2d) -> dict:
     )
 
 
-class QuantConv2d(nn.Conv2d):
-    """``y = conv(Q_a(x), Q_w(W)) + b``: input and weight fake-quantized, bias in float.
+class QuantConv2d(QuantizedLayerMixin, nn.Conv2d):
+    """``y = conv(Q_a(x), Q_w(W)) + Q_b(b)``: input and weight fake-quantized, the bias on
+    the accumulator's int32 grid (scale ``s_x s_w``).
 
     Weights are quantized per output channel (axis 0) when the config says so, which also
     covers grouped and depthwise convolutions (one scale per filter).
@@ -47,6 +49,10 @@ class QuantConv2d(nn.Conv2d):
         self.weight_quantizer = FakeQuantize.for_weights(config, self.out_channels)
         self.activation_quantizer.to(self.weight.device)
         self.weight_quantizer.to(self.weight.device)
+        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
+        #: already put the input on its grid (set by `prepare_qat` on graphs where several
+        #: ops read the tensor): the layer does not quantize it again.
+        self.input_quantized_upstream = False
 
     @classmethod
     def from_float(
@@ -64,6 +70,6 @@ class QuantConv2d(nn.Conv2d):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(
-            self.activation_quantizer(x), self.weight_quantizer(self.weight), self.bias
-        )
+        x = self.input_on_grid(x)
+        weight = self.weight_quantizer(self.weight)
+        return self._conv_forward(x, weight, self.quantized_bias(self.bias))

@@ -10,10 +10,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_qat.nn.conv import conv2d_kwargs
 from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
+from lightning_qat.nn.layer import QuantizedLayerMixin
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
-class QuantConvBn2d(nn.Conv2d):
+class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
     """Convolution with BatchNorm folded in, as the integer model will run it.
 
     Krishnamoorthi 2018 (arXiv 1806.08342), section 3.2.2 and figures 8-9; Jacob et al.
@@ -26,8 +27,9 @@ class QuantConvBn2d(nn.Conv2d):
       ``y = (σ_running / σ_batch) · conv(x, Q(w_fold)) + (β - γ μ_batch / σ_batch)``,
       and the running statistics are updated;
     - after the freeze, and in eval: running statistics only,
-      ``y = conv(x, Q(w_fold)) + (β - γ μ_running / σ_running)``: exactly what the
-      integer model computes (conv bias ``b``, if any, folds in as ``+ (b - μ) · f``).
+      ``y = conv(x, Q(w_fold)) + Q_b(β - γ μ_running / σ_running)``: exactly what the
+      integer model computes (conv bias ``b``, if any, folds in as ``+ (b - μ) · f``;
+      ``Q_b`` puts the folded bias on the accumulator's int32 grid, scale ``s_x s_w``).
 
     The batch statistics are those of ``z = conv(x, Q(w_fold)) / f + b``, i.e. of the
     float convolution up to weight-quantization error, and ``BN_batch(z)`` is the corrected
@@ -70,6 +72,10 @@ class QuantConvBn2d(nn.Conv2d):
         self.weight_quantizer = FakeQuantize.for_weights(config, self.out_channels)
         self.activation_quantizer.to(self.weight.device)
         self.weight_quantizer.to(self.weight.device)
+        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
+        #: already put the input on its grid (set by `prepare_qat` on graphs where several
+        #: ops read the tensor): the layer does not quantize it again.
+        self.input_quantized_upstream = False
         self.bn_frozen = False
 
     @classmethod
@@ -110,11 +116,11 @@ class QuantConvBn2d(nn.Conv2d):
         return self.weight * self.fold_factor().reshape(-1, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.activation_quantizer(x)
+        x = self.input_on_grid(x)
         if not self.training or self.bn_frozen:
             factor = self.fold_factor()
             weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
-            return self._conv_forward(x, weight, self.folded_bias(factor))
+            return self._conv_forward(x, weight, self.quantized_bias(self.folded_bias(factor)))
         # Before the freeze, z = conv(x, Q(w·f)) / f equals conv(x, w) in float arithmetic,
         # whatever γ is: the fold and the division cancel. So f is a constant for autograd
         # here; γ gets its gradient through BN alone, as in the float Conv->BN, and the

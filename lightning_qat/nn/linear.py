@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_qat.nn.layer import QuantizedLayerMixin
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(QuantizedLayerMixin, nn.Linear):
     """``y = Q_w(W) Q_a(x) + b``: input and weight fake-quantized, bias in float.
 
     The bias stays float during training: in the integer model it becomes int32 with
@@ -40,6 +41,10 @@ class QuantLinear(nn.Linear):
         self.weight_quantizer = FakeQuantize.for_weights(config, out_features)
         self.activation_quantizer.to(self.weight.device)
         self.weight_quantizer.to(self.weight.device)
+        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
+        #: already put the input on its grid (set by `prepare_qat` on graphs where several
+        #: ops read the tensor): the layer does not quantize it again.
+        self.input_quantized_upstream = False
 
     @classmethod
     def from_float(
@@ -65,4 +70,6 @@ class QuantLinear(nn.Linear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.activation_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        x = self.input_on_grid(x)
+        weight = self.weight_quantizer(self.weight)
+        return F.linear(x, weight, self.quantized_bias(self.bias))

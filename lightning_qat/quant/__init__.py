@@ -1,5 +1,6 @@
 """Quantization numerics, pure torch: config, formulas, observers, fake quantizers."""
 
+from lightning_qat.quant.bias import bias_codes, quantize_bias
 from lightning_qat.quant.config import QuantConfig
 from lightning_qat.quant.fake_quantize import FakeQuantize
 from lightning_qat.quant.metrics import sqnr_db
@@ -12,7 +13,9 @@ __all__ = [
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "QuantConfig",
+    "bias_codes",
     "compute_qparams",
     "quant_range",
+    "quantize_bias",
     "sqnr_db",
 ]
