@@ -9,12 +9,14 @@ from lightning_qat.data import DigitsData
 from lightning_qat.models import LeNet
 
 
-def train_qat_digits(config, epochs=4):
+def train_qat_digits(config, epochs=4, model=None, lr=0.05):
+    """``model`` (default: a small LeNet) prepared with ``config`` and trained on the 8x8
+    digits, BN frozen for the last epoch; returns it in eval mode and the data."""
     torch.manual_seed(0)
     data = DigitsData(batch_size=64)
     data.setup()
-    model = prepare_qat(LeNet(image_size=8, widths=(16, 32, 64)), config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model = prepare_qat(model or LeNet(image_size=8, widths=(16, 32, 64)), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for epoch in range(epochs):
         model.train()
         if epoch == epochs - 1:

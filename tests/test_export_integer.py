@@ -1,13 +1,18 @@
-"""Integer-only export: fixed-point arithmetic and agreement with the fake-quant model."""
+"""Integer-only export: fixed-point arithmetic, exactness, agreement with the fake-quant
+model."""
+
+from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 from qat_digits import train_qat_digits
 from torch import nn
 
 from lightning_qat import QuantConfig, prepare_qat, quantized_layers
-from lightning_qat.export import quantize_multiplier, requantize, to_integer
-from lightning_qat.export.integer import IntegerLayer
+from lightning_qat.export import plan_deployment, quantize_multiplier, requantize, to_integer
+from lightning_qat.export.integer import EXACT_FLOAT32, IntegerLayer, exact_digits
+from lightning_qat.export.plan import QuantizedLayer, quantize_codes
 
 
 def test_multiplier_is_q31_with_a_shift_and_requantizes_within_half_an_lsb():
@@ -20,18 +25,62 @@ def test_multiplier_is_q31_with_a_shift_and_requantizes_within_half_an_lsb():
     acc = torch.randint(-(2**20), 2**20, (20000, 5))
     exact = acc.double() * multipliers.double()
     got = requantize(acc, m0, shift)
-    # two roundings (the Q31 high multiply, then the shift by n): at most 1/2 + 2^-(n+1)
+    assert ((got.double() - exact).abs() <= 0.5 + 1e-6).all()  # one rounding
+    # gemmlowp's two roundings: at most 1/2 + 2^-(n+1)
+    got = requantize(acc, m0, shift, rounding="gemmlowp")
     bound = torch.where(shift > 0, 0.5 + 0.5 * 2.0 ** (-shift.double()), 0.5)
     assert ((got.double() - exact).abs() <= bound + 1e-9).all()
 
 
-def test_rounding_matches_gemmlowp():
+def test_single_rounding_is_round_half_to_even_of_the_exact_product():
+    m0, shift = quantize_multiplier(torch.tensor([0.000555, 0.25, 0.5, 1.7]))
+    acc = torch.cat([torch.randint(-(2**24), 2**24, (3000,)), torch.arange(-8, 9)])
+    for column in range(4):
+        got = requantize(acc, m0[column], shift[column]).tolist()
+        scale = Fraction(int(m0[column]), 2 ** (31 + int(shift[column])))
+        # Python's round() of a Fraction rounds half to even, exactly
+        assert got == [round(a * scale) for a in acc.tolist()]
+
+
+def test_gemmlowp_rounding_is_kept_as_an_option():
     # the Q31 high multiply rounds ties up; the shift (RoundingDivideByPOT) away from zero
     m0, shift = quantize_multiplier(torch.tensor([0.5]))
-    assert requantize(torch.tensor([3, -3, 5, -5]), m0, shift).tolist() == [2, -1, 3, -2]
+    assert requantize(torch.tensor([3, -3, 5, -5]), m0, shift, "gemmlowp").tolist() == [
+        2,
+        -1,
+        3,
+        -2,
+    ]
     m0, shift = quantize_multiplier(torch.tensor([0.25]))
     assert shift.item() == 1
-    assert requantize(torch.tensor([2, -2, 6, -6]), m0, shift).tolist() == [1, -1, 2, -2]
+    ties = torch.tensor([2, -2, 6, -6])
+    assert requantize(ties, m0, shift, "gemmlowp").tolist() == [1, -1, 2, -2]
+    assert requantize(ties, m0, shift).tolist() == [0, 0, 2, -2]  # to even
+    # two roundings: 0.49951 * ... lands on the wrong side of the tie, one rounding not
+    m0, shift = quantize_multiplier(torch.tensor([0.0005552664854940564]))
+    assert requantize(torch.tensor([-18909]), m0, shift, "gemmlowp").item() == -11
+    assert requantize(torch.tensor([-18909]), m0, shift).item() == -10
+
+
+def test_float32_convolution_on_digits_is_exact_where_one_convolution_would_not_be():
+    torch.manual_seed(0)
+    # the widest asymmetric uint8 differences, of one sign: the sums pass 2^24
+    weight = torch.randint(200, 256, (16, 64, 5, 5))
+    x = torch.randint(200, 256, (4, 64, 12, 12))
+    assert 255 * weight.abs().flatten(1).sum(1).max() >= EXACT_FLOAT32  # one would round
+    digits = exact_digits(weight, 255)
+    assert len(digits) > 1
+    assert torch.equal(sum(d << s for s, d in digits), weight)
+    got = sum(F.conv2d(x.float(), d.float(), padding=2).long() << s for s, d in digits)
+    want = F.conv2d(x.double(), weight.double(), padding=2).long()
+    assert torch.equal(got, want)
+    # the split is needed: one float32 convolution of the same integers rounds
+    assert not torch.equal(F.conv2d(x.float(), weight.float(), padding=2).long(), want)
+
+
+def test_small_weights_need_one_convolution():
+    weight = torch.randint(-20, 21, (8, 16, 3, 3))
+    assert len(exact_digits(weight, 127)) == 1
 
 
 @pytest.fixture(scope="module", params=["sym_fold", "asym_fold"])
@@ -40,53 +89,53 @@ def trained(request):
     return train_qat_digits(config)
 
 
+def layer_input_codes(model, x):
+    """The fake-quant model's input codes at each quantized layer, by layer name."""
+    seen = {}
+
+    def record(name, layer):
+        def hook(module, args):
+            q = layer.activation_quantizer
+            seen[name] = quantize_codes(args[0], q.scale, q.zero_point, q.quant_min, q.quant_max)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n, m)) for n, m in quantized_layers(model)]
+    with torch.no_grad():
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen, out
+
+
 def test_integer_model_agrees_with_fake_quant_top1_and_per_layer(trained):
     model, data = trained
     integer = to_integer(model)
     x = torch.cat([b[0] for b in data.test_dataloader()])
-    # the fake-quant model's codes at each quantized layer's input
-    seen = {}
-    hooks = [
-        layer.activation_quantizer.register_forward_pre_hook(
-            lambda q, args, n=name: seen.__setitem__(
-                n,
-                torch.clamp(
-                    torch.round(args[0] / q.scale) + q.zero_point, q.quant_min, q.quant_max
-                ).long(),
-            )
-        )
-        for name, layer in quantized_layers(model)
-    ]
+    seen, fake = layer_input_codes(model, x)
     with torch.no_grad():
-        fake = model(x)
-        outputs = integer.codes(x)
-    for hook in hooks:
-        hook.remove()
-    agreement = (outputs[-1].argmax(1) == fake.argmax(1)).float().mean().item()
+        values = integer.codes(x)
+        out = integer(x)
+    agreement = (out.argmax(1) == fake.argmax(1)).float().mean().item()
     assert agreement >= 0.999
-    names = iter(n for n, _ in quantized_layers(model))
-    for position, step in enumerate(integer):
-        if not isinstance(step, IntegerLayer):
-            continue
-        name = next(names)
-        codes = outputs[position - 1]  # what enters this layer: input codes, pooled, flat
-        diff = (codes - seen[name]).abs()
-        assert diff.max() <= 1, name
-        assert (diff == 0).float().mean() > 0.97, name  # rounding ties differ by 1 LSB
-    torch.testing.assert_close(
-        outputs[-1].float(), fake, atol=0.05 * fake.abs().max().item(), rtol=0
-    )
+    for step in plan_deployment(model):
+        if isinstance(step, QuantizedLayer):
+            diff = (values[step.inputs[0]] - seen[step.name]).abs()
+            assert diff.max() <= 1, step.name
+            assert (diff == 0).float().mean() > 0.99, step.name  # rounding ties differ by 1
+    torch.testing.assert_close(out, fake, atol=0.05 * fake.abs().max().item(), rtol=0)
 
 
 def test_integer_layers_hold_integers_only(trained):
     integer = to_integer(trained[0])
-    for step in integer:
-        if isinstance(step, IntegerLayer):
-            assert step.weight.dtype == torch.int64 and step.bias.dtype == torch.int64
-            assert step.weight.abs().max() <= 255
-            assert step.bias.abs().max() < 2**31
-            if step.requantizes:
-                assert step.m0.dtype == torch.int64
+    layers = [step for step in integer.steps if isinstance(step, IntegerLayer)]
+    assert len(layers) == 4
+    for step in layers:
+        assert step.weight.dtype == torch.int64 and step.bias.dtype == torch.int64
+        assert step.weight.abs().max() <= 255
+        assert step.bias.abs().max() < 2**31
+        if step.requantizes:
+            assert step.m0.dtype == torch.int64
 
 
 def test_unfolded_batchnorm_is_folded_on_export_and_its_cost_measured():
@@ -103,7 +152,7 @@ def test_unfolded_batchnorm_is_folded_on_export_and_its_cost_measured():
 def test_unsupported_modules_are_named():
     model = prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)), QuantConfig())
     model(torch.randn(8, 4))
-    with pytest.raises(ValueError, match="GELU"):
+    with pytest.raises(ValueError, match=r"1: GELU"):
         to_integer(model.eval())
     fresh = prepare_qat(nn.Sequential(nn.Linear(4, 2)), QuantConfig())
     with pytest.raises(ValueError, match="never observed"):

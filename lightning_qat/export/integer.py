@@ -1,17 +1,22 @@
 """Integer-only inference reference (Jacob et al. 2018, section 2.2).
 
-`to_integer` turns a trained QAT model (an ``nn.Sequential``, possibly nested, of
-quantized Conv/Linear layers, ReLU, pooling and Flatten, as LeNet and NIN) into an
-`IntegerModel`: the input is quantized once; every layer then computes
+`to_integer` turns a trained QAT model into an `IntegerModel` that runs the steps of
+`plan_deployment` on integer codes: the input is quantized once; every layer computes
 ``acc = Σ (q_x - z_x)(q_w - z_w) + b_q`` with int8/uint8 codes and an int32 bias of scale
 ``s_x s_w``, and requantizes with a Q31 fixed-point multiplier and a rounding shift to
-the next layer's input grid (ReLU is a clamp at its zero point, max-pooling commutes
-with quantization). The last quantized layer's accumulator is dequantized: the only
-floating point after the input quantization.
+the grid of the tensor's next integer consumer; ReLU is a clamp at the zero point, max
+pooling commutes with quantization; a residual add requantizes both inputs to the output
+grid with their own multipliers (TFLite's integer add); a concatenation requantizes each
+input. The last layer's accumulator is dequantized: the only floating point after the
+input quantization (besides float islands, which the plan names).
 
-The accumulations are exact integer arithmetic; PyTorch has no integer convolution on
-CPU, so they run in float64 on integer values (exact below 2^53, far above the int32
-range of any int8 layer). It is a reference for the numbers, not a fast runtime.
+Exact and fast: PyTorch has no integer convolution on CPU, so the accumulations run as
+float32 convolutions on integer values, which are exact when every partial sum stays
+below 2^24 in magnitude. For each layer the bound ``A · max_c Σ_k |q_w - z_w|`` (``A`` the
+largest ``|q_x - z_x|`` its input grid allows) is checked once; where it is too large the
+weights are split into signed base-``2^b`` digits, ``W = Σ_j 2^(b j) D_j``, each digit's
+convolution exact, and the digits' int64 results recombined. No rounding ever happens
+in the accumulation (tested against float64).
 """
 
 from __future__ import annotations
@@ -22,62 +27,122 @@ from torch import nn
 
 from lightning_qat.export import plan
 from lightning_qat.export.fixed_point import quantize_multiplier, requantize
-from lightning_qat.export.plan import plan_deployment
+from lightning_qat.export.plan import DeploymentPlan, QuantGrid, plan_deployment
+
+#: float32 holds every integer of magnitude below 2^24 exactly.
+EXACT_FLOAT32 = 2**24
+#: TFLite's integer add shifts inputs left by 20 bits before rescaling them (8-bit).
+ADD_LEFT_SHIFT = 20
 
 
-class QuantizeInput(nn.Module):
-    """Float input to integer codes on the first layer's input grid."""
+def _span(grid: QuantGrid) -> int:
+    """The largest ``|q - z|`` on a grid."""
+    return max(grid.qmax - grid.zero_point, grid.zero_point - grid.qmin)
 
-    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int):
+
+def exact_digits(weight: torch.Tensor, input_span: int) -> list[tuple[int, torch.Tensor]]:
+    """``[(shift, digit)]`` with ``weight = Σ digit << shift`` such that a float32
+    convolution of each digit with inputs of magnitude ``<= input_span`` is exact.
+
+    One digit (the weight itself) where ``input_span · max_c Σ |w_c| < 2^24``; otherwise the
+    widest base ``2^b`` whose signed digits (truncated division, so each digit has the
+    weight's sign and magnitude below ``2^b``) all pass that bound."""
+
+    def fits(w: torch.Tensor) -> bool:
+        return input_span * float(w.abs().flatten(1).sum(1).max()) < EXACT_FLOAT32
+
+    if fits(weight):
+        return [(0, weight)]
+    magnitude = int(weight.abs().max())
+    for bits in range(magnitude.bit_length() - 1, 0, -1):
+        digits, rest, shift = [], weight, 0
+        while rest.abs().max() > 0:
+            low = torch.fmod(rest, 2**bits)  # sign of the dividend, |low| < 2^bits
+            digits.append((shift, low))
+            rest = torch.div(rest - low, 2**bits, rounding_mode="trunc")
+            shift += bits
+        if all(fits(d) for _, d in digits):
+            return digits
+    raise ValueError("no exact split of the weights: input codes too wide")  # not reachable
+
+
+class _Codes(nn.Module):
+    """A step reading codes: its inputs' grids and how to dequantize them."""
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, grid: QuantGrid | None) -> torch.Tensor:
+        if grid is None:
+            return q
+        return (q - grid.zero_point).double() * grid.scale
+
+    @staticmethod
+    def requantize(acc: torch.Tensor, multiplier: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+        m0, shift = quantize_multiplier(multiplier)
+        out = requantize(acc, m0, shift) + grid.zero_point
+        return torch.clamp(out, grid.qmin, grid.qmax)
+
+
+class IntegerQuantizeInput(_Codes):
+    """Float to integer codes: ``clamp(round(x · (1/s)) + z, qmin, qmax)``, rounded as the
+    fake-quant kernels round (float32, half to even)."""
+
+    def __init__(self, step: plan.QuantizeInput):
         super().__init__()
-        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+        self.grid = step.grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plan.quantize_codes(x.double(), self.scale, self.zero_point, self.qmin, self.qmax)
+        g = self.grid
+        return plan.quantize_codes(x, g.scale, g.zero_point, g.qmin, g.qmax)
 
 
-class IntegerLayer(nn.Module):
+class IntegerLayer(_Codes):
     """One quantized Conv2d or Linear in integer arithmetic.
 
-    Buffers: ``weight`` (q_w - z_w, int64 holding int8/uint8 differences), ``bias`` (int32
-    values, scale ``s_x s_w``), and either the requantization ``m0``, ``shift`` to the
-    next layer's ``(z_out, qmin, qmax)`` or the dequantization scale ``s_x s_w``.
+    Buffers: ``weight`` (``q_w - z_w``), ``bias`` (int32 values, scale ``s_x s_w``) and the
+    requantization multipliers ``m0``, ``shift`` to ``output_grid``, or the dequantization
+    scale ``s_x s_w`` where the output is float.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        input_zero_point: int,
-        conv_args: dict,
-        requant: tuple[torch.Tensor, torch.Tensor, int, int, int] | None,
-        dequant_scale: torch.Tensor | None,
-    ):
+    def __init__(self, step: plan.QuantizedLayer):
         super().__init__()
-        self.kind = kind
+        shape = (-1, *[1] * (step.weight_codes.dim() - 1))
+        zero_point = step.weight_zero_point
+        weight = step.weight_codes - (zero_point.reshape(shape) if zero_point.dim() else zero_point)
+        self.kind = step.kind
+        self.name = step.name
+        self.conv_args = step.conv_args
+        self.input_grid = step.input_grid
+        self.output_grid = step.output_grid
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.input_zero_point = input_zero_point
-        self.conv_args = conv_args
-        if requant is not None:
-            m0, shift, self.output_zero_point, self.qmin, self.qmax = requant
+        self.register_buffer("bias", step.bias)
+        self.digits = [
+            (shift, d.float()) for shift, d in exact_digits(weight, _span(self.input_grid))
+        ]
+        if self.output_grid is not None:
+            m0, shift = quantize_multiplier(step.accumulator_scale / self.output_grid.scale)
             self.register_buffer("m0", m0)
             self.register_buffer("shift", shift)
-        self.requantizes = requant is not None
-        self.register_buffer("dequant_scale", dequant_scale)
+            self.register_buffer("dequant_scale", None)
+        else:
+            self.register_buffer("dequant_scale", step.accumulator_scale)
+
+    @property
+    def requantizes(self) -> bool:
+        return self.output_grid is not None
 
     def accumulate(self, q: torch.Tensor) -> torch.Tensor:
-        """int32 accumulator ``Σ (q_x - z_x)(q_w - z_w) + b_q`` (exact)."""
-        x = (q - self.input_zero_point).double()
-        w = self.weight.double()
-        if self.kind == "conv":
-            acc = F.conv2d(x, w, None, **self.conv_args)
-            bias = self.bias.reshape(1, -1, 1, 1)
-        else:
-            acc = F.linear(x, w)
-            bias = self.bias
-        return acc.round().to(torch.int64) + bias
+        """int32 accumulator ``Σ (q_x - z_x)(q_w - z_w) + b_q``, exact (see module doc)."""
+        x = (q - self.input_grid.zero_point).float()
+        acc = None
+        for shift, digit in self.digits:
+            if self.kind == "conv":
+                part = F.conv2d(x, digit, None, **self.conv_args)
+            else:
+                part = F.linear(x, digit)
+            part = part.to(torch.int64) << shift
+            acc = part if acc is None else acc + part
+        bias = self.bias.reshape(1, -1, 1, 1) if self.kind == "conv" else self.bias
+        return acc + bias
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         acc = self.accumulate(q)
@@ -85,66 +150,181 @@ class IntegerLayer(nn.Module):
         if not self.requantizes:
             return acc.double() * self.dequant_scale.reshape(shape)
         out = requantize(acc, self.m0.reshape(shape), self.shift.reshape(shape))
-        return torch.clamp(out + self.output_zero_point, self.qmin, self.qmax)
+        g = self.output_grid
+        return torch.clamp(out + g.zero_point, g.qmin, g.qmax)
+
+
+class IntegerAdd(_Codes):
+    """``y = a + b``. On codes, TFLite's integer add (its reference kernel, 8-bit): both
+    inputs shifted left by 20 bits, each rescaled to ``2 max(s_a, s_b)`` by its Q31
+    multiplier, summed, and the sum requantized to the output grid. Float otherwise."""
+
+    def __init__(self, step: plan.Add):
+        super().__init__()
+        self.input_grids = step.input_grids
+        self.output_grid = step.output_grid
+        if self.output_grid is not None:
+            a, b = self.input_grids
+            twice_max = 2 * max(a.scale, b.scale)
+            self.input_multipliers = [
+                torch.tensor(a.scale / twice_max, dtype=torch.float64),
+                torch.tensor(b.scale / twice_max, dtype=torch.float64),
+            ]
+            self.output_multiplier = torch.tensor(
+                twice_max / (2**ADD_LEFT_SHIFT * self.output_grid.scale), dtype=torch.float64
+            )
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.output_grid is None:
+            return self.dequantize(a, self.input_grids[0]) + self.dequantize(b, self.input_grids[1])
+        total = 0
+        for q, grid, multiplier in zip(
+            (a, b), self.input_grids, self.input_multipliers, strict=True
+        ):
+            shifted = (q - grid.zero_point) << ADD_LEFT_SHIFT
+            m0, shift = quantize_multiplier(multiplier)
+            total = total + requantize(shifted, m0, shift)
+        return self.requantize(total, self.output_multiplier, self.output_grid)
+
+
+class IntegerConcat(_Codes):
+    """Concatenation: on codes each input requantized to the output grid,
+    ``round(s_i / s_out · (q_i - z_i)) + z_out`` (onnxruntime's QLinearConcat); float
+    otherwise."""
+
+    def __init__(self, step: plan.Concat):
+        super().__init__()
+        self.dim = step.dim
+        self.input_grids = step.input_grids
+        self.output_grid = step.output_grid
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.output_grid
+        if out is None:
+            parts = [self.dequantize(q, g) for q, g in zip(inputs, self.input_grids, strict=True)]
+            return torch.cat(parts, self.dim)
+        parts = []
+        for q, grid in zip(inputs, self.input_grids, strict=True):
+            if grid == out:
+                parts.append(q)
+            else:
+                multiplier = torch.tensor(grid.scale / out.scale, dtype=torch.float64)
+                parts.append(self.requantize(q - grid.zero_point, multiplier, out))
+        return torch.cat(parts, self.dim)
+
+
+class IntegerPool(_Codes):
+    """Max pooling (on codes, or float) or average pooling: on codes the window sum of
+    ``q - z_in``, requantized with ``M = s_in / (N s_out)`` (``N`` the window's count,
+    which varies at the borders without ``count_include_pad``); in float otherwise."""
+
+    def __init__(self, step: plan.Pool):
+        super().__init__()
+        self.pool = step.pool
+        self.input_grid = step.input_grid
+        self.output_grid = step.output_grid
+
+    def _apply(self, x: torch.Tensor, summed: bool = False) -> torch.Tensor:
+        p = self.pool
+        if p.kind == "max":
+            return F.max_pool2d(x, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
+        if p.global_pool:
+            pooled = x.sum((2, 3), keepdim=True) if summed else x.mean((2, 3), keepdim=True)
+            return pooled if p.keepdim else pooled.flatten(1)
+        divisor = 1 if summed else None
+        return F.avg_pool2d(
+            x, p.kernel, p.stride, p.padding, p.ceil_mode, p.count_include_pad, divisor
+        )
+
+    def _count(self, x: torch.Tensor) -> torch.Tensor:
+        """How many elements each window averages."""
+        p = self.pool
+        if p.global_pool:
+            return torch.full((1,), x.shape[2] * x.shape[3], dtype=torch.float64)
+        if p.count_include_pad:  # the padding counts: windows over the padded map
+            height, width = x.shape[2] + 2 * p.padding[0], x.shape[3] + 2 * p.padding[1]
+            ones = torch.ones(1, 1, height, width, dtype=torch.float64)
+            return F.avg_pool2d(ones, p.kernel, p.stride, 0, p.ceil_mode, True, 1)[0, 0]
+        ones = torch.ones(1, 1, *x.shape[2:], dtype=torch.float64)
+        return F.avg_pool2d(ones, p.kernel, p.stride, p.padding, p.ceil_mode, False, 1)[0, 0]
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.output_grid is None:
+            return self._apply(self.dequantize(q, self.input_grid))
+        if self.pool.kind == "max":
+            return self._apply(q.double()).to(torch.int64)
+        grid, out = self.input_grid, self.output_grid
+        sums = self._apply((q - grid.zero_point).double(), summed=True).round().to(torch.int64)
+        counts = self._count(q)
+        multipliers = grid.scale / (counts * out.scale)
+        result = torch.empty_like(sums)
+        shape = sums.shape
+        per_position = multipliers.expand(shape[-2:]) if sums.dim() == 4 else multipliers
+        for value in torch.unique(per_position):  # one multiplier per distinct count
+            where = (per_position == value).expand(shape)
+            result[where] = self.requantize(sums[where], value, out)
+        return result
 
 
 class IntegerReLU(nn.Module):
-    """ReLU on codes: a clamp at the zero point (the code of 0.0)."""
+    """ReLU on codes: a clamp at the zero point (the code of 0.0), and at the code of 6.0
+    for ReLU6; ``clamp(x, 0, high)`` on float."""
 
-    def __init__(self, zero_point: int | None):
+    def __init__(self, step: plan.ReLU):
         super().__init__()
-        self.zero_point = zero_point
+        self.zero_point = step.zero_point
+        self.high = step.high
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        if self.zero_point is None:  # after the output dequantization
-            return torch.relu(q)
-        return torch.clamp(q, min=self.zero_point)
+        low = 0 if self.zero_point is None else self.zero_point
+        return torch.clamp(q, min=low, max=self.high)
 
 
-class IntegerPool(nn.Module):
-    """Max pooling (commutes with quantization) or average pooling with a rounded
-    integer mean on codes."""
-
-    def __init__(self, pool: nn.Module, integer: bool):
+class IntegerFlatten(nn.Module):
+    def __init__(self, step: plan.Flatten):
         super().__init__()
-        self.pool = pool
-        self.integer = integer
+        self.start_dim, self.end_dim = step.start_dim, step.end_dim
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        if not self.integer:
-            return self.pool(q)
-        out = self.pool(q.double())
-        if isinstance(self.pool, nn.MaxPool2d):
-            return out.to(torch.int64)
-        # round half away from zero, as the fixed-point arithmetic
-        return (torch.sign(out) * torch.floor(out.abs() + 0.5)).to(torch.int64)
+        return q.flatten(self.start_dim, self.end_dim)
 
 
-class IntegerModel(nn.Sequential):
-    """The integer-only model `to_integer` builds; its ``forward`` takes and returns float."""
+_STEPS = {
+    plan.QuantizeInput: IntegerQuantizeInput,
+    plan.QuantizedLayer: IntegerLayer,
+    plan.Add: IntegerAdd,
+    plan.Concat: IntegerConcat,
+    plan.Pool: IntegerPool,
+    plan.ReLU: IntegerReLU,
+    plan.Flatten: IntegerFlatten,
+}
 
-    def codes(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The integer tensor after every step (for comparisons with fake quantization)."""
-        outputs = []
-        for step in self:
-            x = step(x)
-            outputs.append(x)
-        return outputs
 
+class IntegerModel(nn.Module):
+    """The integer-only model `to_integer` builds: its ``forward`` takes and returns float.
 
-def _integer_layer(layer: plan.QuantizedLayer) -> IntegerLayer:
-    shape = (-1, *[1] * (layer.weight_codes.dim() - 1))
-    weight = layer.weight_codes - layer.weight_zero_point.reshape(shape)
-    requant = dequant = None
-    if layer.output is not None:
-        m0, shift = quantize_multiplier(layer.accumulator_scale / layer.output.scale)
-        out = layer.output
-        requant = (m0, shift, out.zero_point, out.qmin, out.qmax)
-    else:
-        dequant = layer.accumulator_scale.float()
-    return IntegerLayer(
-        layer.kind, weight, layer.bias, layer.input.zero_point, layer.conv_args, requant, dequant
-    )
+    ``steps`` run in order on named values (``inputs``/``values`` give each step's names).
+    """
+
+    def __init__(self, deployment: DeploymentPlan):
+        super().__init__()
+        self.steps = nn.ModuleList(_STEPS[type(step)](step) for step in deployment)
+        self.inputs = [step.inputs for step in deployment]
+        self.values = [step.value for step in deployment]
+        self.input_name = deployment.input
+        self.output_name = deployment.output
+        self.output_grid = deployment.grids.get(deployment.output)
+
+    def codes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every value the model computes (integer codes or float), by name."""
+        values = {self.input_name: x}
+        for step, names, value in zip(self.steps, self.inputs, self.values, strict=True):
+            values[value] = step(*(values[n] for n in names))
+        return values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.codes(x)[self.output_name]
+        return _Codes.dequantize(out, self.output_grid).float()
 
 
 @torch.no_grad()
@@ -155,21 +335,7 @@ def to_integer(model: nn.Module) -> IntegerModel:
     (``quantize_first_input=False``): an integer-only model has no float layer.
 
     Raises:
-        ValueError: a module the integer model cannot run (a float layer between
-            quantized ones, an unfolded BatchNorm not right after a quantized conv), or a
+        ValueError: an op the integer model cannot run (named with its module path), or a
             layer that never observed its input.
     """
-    steps: list[nn.Module] = []
-    for step in plan_deployment(model):
-        if isinstance(step, plan.QuantizeInput):
-            grid = step.grid
-            steps.append(QuantizeInput(grid.scale, grid.zero_point, grid.qmin, grid.qmax))
-        elif isinstance(step, plan.QuantizedLayer):
-            steps.append(_integer_layer(step))
-        elif isinstance(step, plan.ReLU):
-            steps.append(IntegerReLU(step.zero_point))
-        elif isinstance(step, plan.Pool):
-            steps.append(IntegerPool(step.module, integer=step.on_codes))
-        else:
-            steps.append(nn.Flatten(step.start_dim, step.end_dim))
-    return IntegerModel(*steps)
+    return IntegerModel(plan_deployment(model))

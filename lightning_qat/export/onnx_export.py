@@ -1,30 +1,37 @@
-"""ONNX export with QuantizeLinear/DequantizeLinear pairs that onnxruntime runs on int8
+"""ONNX export with QuantizeLinear/DequantizeLinear pairs that onnxruntime runs on integer
 kernels.
 
 `to_onnx` writes the steps of `plan_deployment` (the same numbers as the integer-only
-reference `to_integer`) in the QDQ format: every quantized layer reads
-``DequantizeLinear(codes)``, its weight is ``DequantizeLinear`` of int8 codes (per output
-channel where trained so) and its bias ``DequantizeLinear`` of an int32 at scale
-``s_x s_w``, and its output is ``QuantizeLinear``-ed to the next layer's input grid.
-onnxruntime fuses each such group into one integer kernel (QLinearConv, QGemm).
+reference `to_integer`) in the QDQ format, which onnxruntime's graph optimizer fuses into
+its integer kernels: ``DQ -> Conv/Gemm -> Q`` into QLinearConv/QGemm, ``DQ, DQ -> Add ->
+Q`` into QLinearAdd, ``DQ... -> Concat -> Q`` into QLinearConcat, ``DQ -> AveragePool /
+GlobalAveragePool -> Q`` into their QLinear forms; max pooling and flattening run on the
+codes. Every layer's weight is ``DequantizeLinear`` of 8-bit codes (per output channel
+where trained so) and its bias ``DequantizeLinear`` of an int32 at scale ``s_x s_w`` (a
+float bias silently stops the fusion).
 
-The graph is written for what onnxruntime's fast x86/ARM kernels take (u8 activations,
-s8 weights, a requantized output whose ReLU is implied by the output range):
+What onnxruntime's kernels take, and how the graph is shaped for them:
 
-- Activation codes are **uint8**: the code ``q`` in ``[qmin, qmax]`` of our grid becomes
-  ``u = q - qmin`` with zero point ``z - qmin`` (the same real values). An asymmetric
-  grid after a ReLU has ``z = qmin``, so the ReLU is a no-op on the codes and
-  onnxruntime drops it; for a symmetric grid (``z = 0``) the ReLU is a ``Clip`` at the
-  zero point on uint8 codes (Jacob et al. section 2.2: ReLU is a clamp at ``z``).
-  A ``Clip`` also restores the narrow symmetric range and lower-bit ranges, which
-  ``QuantizeLinear`` (saturating to [0, 255]) does not know.
-- Each layer's output is requantized right after the layer, as in the integer model;
-  max pooling then runs on the codes (it commutes with quantization); average pooling
-  dequantizes, pools and requantizes to the same grid.
+- Activation codes are **uint8**: the code ``q`` of our grid becomes ``u = q - offset``
+  with zero point ``z - offset`` (the same real values). The offset is the grid's
+  ``qmin``, or its zero point where a ReLU follows the requantization: then ``u`` starts
+  at 0 and ``QuantizeLinear``'s saturation *is* the ReLU (onnxruntime drops the ReLU).
+  A ``Clip`` on the codes restores ranges ``QuantizeLinear`` does not know (the narrow
+  symmetric range, lower bit widths, ReLU6, a ReLU after a branch).
+- **Weights, exact on every x86 CPU.** onnxruntime multiplies uint8 activations with
+  int8 weights (U8S8) through ``vpmaddubsw`` on x86 CPUs without VNNI (AVX2, AVX-512
+  before Cascade Lake): it adds two products into a *saturating* int16, wrong once
+  ``|u1 w1 + u2 w2| > 32767`` (measured here: 4 x 255 x 127 computed as 66000 instead of
+  129540; onnxruntime's quantization docs say so). With uint8 weights (U8U8, codes + 128)
+  it widens to int16 first and is exact everywhere. ``weight_dtype="auto"`` (the
+  default) writes int8 weights where the layer's input codes stay within 0..127 (then no
+  pair can reach 32767: a symmetric grid after a ReLU) and uint8 weights elsewhere, so the
+  file is exact on any CPU; ``"int8"`` forces int8 weights (onnxruntime's fastest path on
+  CPUs with VNNI and on ARM, where U8S8 is exact), ``"uint8"`` forces uint8.
 - The last layer's output is float (its accumulator dequantized), as in `to_integer`.
 
-Where training left the first layer's input float (``quantize_first_input=False``,
-the reference implementation's choice), the export does the same by default
+Where training left the first layer's input float (``quantize_first_input=False``, the
+reference implementation's choice), the export does the same by default
 (``quantize_input=None``): the first convolution then runs in float on int8 weights
 dequantized once. ``quantize_input=True`` quantizes the input as the integer-only model
 must, at the accuracy cost the app measures.
@@ -45,13 +52,17 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lightning_qat.export import plan
-from lightning_qat.export.plan import QuantGrid, plan_deployment
+from lightning_qat.export.plan import DeploymentPlan, QuantGrid, plan_deployment
 
 #: ONNX opset: per-axis QuantizeLinear/DequantizeLinear (13), uint8 Clip (12).
 OPSET = 17
 #: IR version 8 (ONNX 1.10+) loads in every onnxruntime of the last years.
 IR_VERSION = 8
 CODE_MAX = 255  # uint8
+#: Largest uint8 activation code with which int8 weights cannot saturate onnxruntime's
+#: int16 pair sums on x86 without VNNI: 2 x 127 x 128 = 32512 <= 32767.
+SAFE_INT8_INPUT = 127
+WEIGHT_DTYPES = ("auto", "int8", "uint8")
 
 
 class _GraphBuilder:
@@ -81,82 +92,134 @@ class _GraphBuilder:
 
 
 class _Codes:
-    """A uint8 code tensor of the graph, its grid, and the clamp still to apply to it."""
+    """A uint8 code tensor of the graph: ``u = q - offset`` on ``grid``, within
+    ``[low, high]`` once ``clipped`` (else a ``Clip`` to that range is still to come)."""
 
-    def __init__(self, name: str, grid: QuantGrid):
+    def __init__(self, name: str, grid: QuantGrid, offset: int):
         self.name = name
         self.grid = grid
-        self.low = 0  # pending Clip bounds in uint8 codes
-        self.high = grid.qmax - grid.qmin
+        self.offset = offset
+        self.low = max(0, grid.qmin - offset)
+        self.high = min(CODE_MAX, grid.qmax - offset)
+        # QuantizeLinear saturates to [0, 255] only
+        self.clipped = self.low == 0 and self.high == CODE_MAX
 
     @property
     def zero_point(self) -> int:
-        return self.grid.zero_point - self.grid.qmin
+        return self.grid.zero_point - self.offset
+
+    def carried(self, name: str) -> _Codes:
+        """The same codes under another tensor name (after an op that keeps them)."""
+        codes = _Codes(name, self.grid, self.offset)
+        codes.low, codes.high, codes.clipped = self.low, self.high, self.clipped
+        return codes
 
 
 class _Exporter:
-    def __init__(self, quantize_input: bool | None):
+    def __init__(self, deployment: DeploymentPlan, quantize_input: bool | None, weights: str):
+        if weights not in WEIGHT_DTYPES:
+            raise ValueError(f"to_onnx(weight_dtype={weights!r}): use one of {WEIGHT_DTYPES}")
+        self.plan = deployment
         self.graph = _GraphBuilder()
         self.input_policy = quantize_input
-        self.value: str | _Codes = "input"  # the current tensor: float name or codes
+        self.weights = weights
+        self.values: dict[str, str | _Codes] = {deployment.input: "input"}
+        self.from_input = {deployment.input}  # the model input and flattened views of it
 
     # codes <-> float
-    def _scale_and_zero_point(self, grid: QuantGrid, base: str) -> list[str]:
+    def _scale_and_zero_point(self, grid: QuantGrid, offset: int, base: str) -> list[str]:
         return [
             self.graph.constant(f"{base}_scale", np.float32(grid.scale)),
-            self.graph.constant(f"{base}_zero_point", np.uint8(grid.zero_point - grid.qmin)),
+            self.graph.constant(f"{base}_zero_point", np.uint8(grid.zero_point - offset)),
         ]
 
-    def quantize(self, name: str, grid: QuantGrid, base: str) -> _Codes:
-        inputs = [name, *self._scale_and_zero_point(grid, base)]
-        return _Codes(self.graph.node("QuantizeLinear", inputs, f"{base}_q"), grid)
+    def _offset(self, value: str, grid: QuantGrid) -> int:
+        """``grid.zero_point`` where the value's one reader is a ReLU on codes (its clamp is
+        then the quantizer's saturation), else ``grid.qmin``."""
+        readers = self.plan.consumers(value)
+        relu = len(readers) == 1 and isinstance(readers[0], plan.ReLU)
+        if relu and readers[0].zero_point is not None and grid.qmax - grid.zero_point <= CODE_MAX:
+            return grid.zero_point
+        return grid.qmin
 
-    def codes(self) -> _Codes:
-        """The current tensor as codes, its pending clamp applied."""
-        codes = self.value
+    def quantize(self, name: str, grid: QuantGrid, value: str) -> _Codes:
+        offset = self._offset(value, grid)
+        inputs = [name, *self._scale_and_zero_point(grid, offset, value)]
+        return _Codes(self.graph.node("QuantizeLinear", inputs, f"{value}_q"), grid, offset)
+
+    def codes(self, value: str) -> _Codes:
+        """The value as codes, its pending clamp applied (once)."""
+        codes = self.values[value]
         assert isinstance(codes, _Codes)
-        if codes.low > 0 or codes.high < CODE_MAX:
+        if not codes.clipped:
             bounds = [
                 self.graph.constant(f"{codes.name}_min", np.uint8(codes.low)),
                 self.graph.constant(f"{codes.name}_max", np.uint8(codes.high)),
             ]
             clipped = self.graph.node("Clip", [codes.name, *bounds], f"{codes.name}_clip")
-            codes = _Codes(clipped, codes.grid)
-            self.value = codes
+            codes = codes.carried(clipped)
+            codes.clipped = True
+            self.values[value] = codes
         return codes
 
-    def dequantized(self) -> str:
-        if isinstance(self.value, str):
-            return self.value
-        codes = self.codes()
-        inputs = [codes.name, *self._scale_and_zero_point(codes.grid, codes.name)]
+    def dequantized(self, value: str) -> str:
+        """The value as float: a DequantizeLinear of its codes (one per reader, as the QDQ
+        format wants), or the float tensor."""
+        if isinstance(self.values[value], str):
+            return self.values[value]
+        codes = self.codes(value)
+        inputs = [codes.name, *self._scale_and_zero_point(codes.grid, codes.offset, codes.name)]
         return self.graph.node("DequantizeLinear", inputs, f"{codes.name}_dq")
 
+    def output(self, step: plan.Step, name: str, grid: QuantGrid | None) -> None:
+        """Store a step's float result, requantized to ``grid`` if given."""
+        self.values[step.value] = name if grid is None else self.quantize(name, grid, step.value)
+
     # steps
-    def input(self, step: plan.QuantizeInput) -> None:
-        policy = self.input_policy
-        keep_float = step.float_in_training if policy is None else not policy
-        if not keep_float:  # the graph input, or its flattened view
-            self.value = self.quantize(self.value, step.grid, "input")
+    def quantize_input(self, step: plan.QuantizeInput) -> None:
+        (source,) = step.inputs
+        keep_float = False
+        if source in self.from_input:  # the model input: as trained, or as asked
+            policy = self.input_policy
+            keep_float = step.float_in_training if policy is None else not policy
+        if keep_float:
+            self.values[step.value] = self.values[source]
+        else:
+            self.values[step.value] = self.quantize(self.dequantized(source), step.grid, step.value)
+
+    def _weight_dtype(self, source: str | _Codes) -> type:
+        if self.weights != "auto":
+            return {"int8": np.int8, "uint8": np.uint8}[self.weights]
+        if isinstance(source, _Codes) and source.high > SAFE_INT8_INPUT:
+            return np.uint8
+        return np.int8
 
     def layer(self, step: plan.QuantizedLayer) -> None:
         g = self.graph
         base = step.name.replace(".", "_") or step.kind
-        x = self.dequantized()
+        (source,) = step.inputs
+        value = self.values[source]
+        if isinstance(value, _Codes):
+            value = self.codes(source)
+        dtype = self._weight_dtype(value)
+        shift = 128 if dtype is np.uint8 else 0  # uint8 weight codes: q_w + 128, same values
+        x = self.dequantized(source)
         per_channel = step.weight_scale.dim() == 1
         axis = {"axis": 0} if per_channel else {}
         weight = g.node(
             "DequantizeLinear",
             [
-                g.constant(f"{base}_weight_codes", _array(step.weight_codes, np.int8)),
+                g.constant(f"{base}_weight_codes", _array(step.weight_codes + shift, dtype)),
                 g.constant(f"{base}_weight_scale", _array(step.weight_scale, np.float32)),
-                g.constant(f"{base}_weight_zero_point", _array(step.weight_zero_point, np.int8)),
+                g.constant(
+                    f"{base}_weight_zero_point", _array(step.weight_zero_point + shift, dtype)
+                ),
             ],
             f"{base}_weight",
             **axis,
         )
         # the bias scale is s_x · s_w as float32, the product onnxruntime's kernels assume
-        bias_scale = np.float32(step.input.scale) * _array(step.weight_scale, np.float32)
+        bias_scale = np.float32(step.input_grid.scale) * _array(step.weight_scale, np.float32)
         bias = g.node(
             "DequantizeLinear",
             [
@@ -182,55 +245,76 @@ class _Exporter:
             )
         else:
             out = g.node("Gemm", [x, weight, bias], base, transB=1)
-        self.value = out if step.output is None else self.quantize(out, step.output, base)
+        self.output(step, out, step.output_grid)
 
-    def relu(self, step: plan.ReLU) -> None:
-        if isinstance(self.value, str):
-            self.value = self.graph.node("Relu", [self.value], f"{self.value}_relu")
-        else:  # a clamp at the zero point, applied with the next Clip
-            self.value.low = max(self.value.low, self.value.zero_point)
+    def add(self, step: plan.Add) -> None:
+        a, b = (self.dequantized(v) for v in step.inputs)
+        self.output(step, self.graph.node("Add", [a, b], f"{step.value}_add"), step.output_grid)
 
-    def _on_codes_or_float(self, op: str, suffix: str, **attributes) -> None:
-        """An op that commutes with quantization and clamping (max pooling, flattening):
-        applied to the codes as they are, the pending clamp carried over to its (smaller
-        or same-size) output."""
-        value = self.value
-        source = value.name if isinstance(value, _Codes) else value
-        out = self.graph.node(op, [source], f"{source}_{suffix}", **attributes)
-        if isinstance(value, _Codes):
-            codes = _Codes(out, value.grid)
-            codes.low, codes.high = value.low, value.high
-            out = codes
-        self.value = out
+    def concat(self, step: plan.Concat) -> None:
+        parts = [self.dequantized(v) for v in step.inputs]
+        out = self.graph.node("Concat", parts, f"{step.value}_concat", axis=step.dim)
+        self.output(step, out, step.output_grid)
+
+    def _carry(self, op: str, step: plan.Step, **attributes) -> None:
+        """An op that commutes with quantization and clamping (max pooling, flattening),
+        applied to the codes as they are, the pending clamp carried over."""
+        (source,) = step.inputs
+        value = self.values[source]
+        name = value.name if isinstance(value, _Codes) else value
+        out = self.graph.node(op, [name], f"{step.value}_{op.lower()}", **attributes)
+        self.values[step.value] = value.carried(out) if isinstance(value, _Codes) else out
+        if source in self.from_input:
+            self.from_input.add(step.value)
 
     def pool(self, step: plan.Pool) -> None:
-        module = step.module
-        if isinstance(module, nn.MaxPool2d):
-            self._on_codes_or_float("MaxPool", "maxpool", **_pool_attributes(module))
+        spec = step.pool
+        if spec.kind == "max":
+            self._carry("MaxPool", step, **_pool_attributes(spec))
             return
-        grid = self.value.grid if isinstance(self.value, _Codes) else None
-        x = self.dequantized()
-        if isinstance(module, nn.AdaptiveAvgPool2d):
-            size = module.output_size
-            if size not in (1, (1, 1), [1, 1]):
-                raise ValueError(f"to_onnx: AdaptiveAvgPool2d to {size}; only global (1) exports")
-            pooled = self.graph.node("GlobalAveragePool", [x], f"{x}_avgpool")
+        x = self.dequantized(step.inputs[0])
+        if spec.global_pool:
+            pooled = self.graph.node("GlobalAveragePool", [x], f"{step.value}_avgpool")
         else:
-            if module.divisor_override is not None:
-                raise ValueError("to_onnx: AvgPool2d with divisor_override does not export")
             pooled = self.graph.node(
                 "AveragePool",
                 [x],
-                f"{x}_avgpool",
-                count_include_pad=int(module.count_include_pad),
-                **_pool_attributes(module),
+                f"{step.value}_avgpool",
+                count_include_pad=int(spec.count_include_pad),
+                **_pool_attributes(spec),
             )
-        self.value = pooled if grid is None else self.quantize(pooled, grid, pooled)
+        if spec.global_pool and not spec.keepdim:  # a mean over H, W: (N, C)
+            flat = f"{step.value}_pooled"
+            self.output(plan.Step(step.inputs, flat), pooled, step.output_grid)
+            self._carry("Flatten", plan.Step((flat,), step.value), axis=1)
+            return
+        self.output(step, pooled, step.output_grid)
+
+    def relu(self, step: plan.ReLU) -> None:
+        (source,) = step.inputs
+        value = self.values[source]
+        if isinstance(value, str):
+            if step.high is None:
+                out = self.graph.node("Relu", [value], f"{step.value}_relu")
+            else:
+                bounds = [
+                    self.graph.constant(f"{step.value}_min", np.float32(0)),
+                    self.graph.constant(f"{step.value}_max", np.float32(step.high)),
+                ]
+                out = self.graph.node("Clip", [value, *bounds], f"{step.value}_relu6")
+            self.values[step.value] = out
+            return
+        codes = value.carried(value.name)  # a clamp at the zero point (and at 6.0), applied later
+        low = max(codes.low, codes.zero_point)
+        high = codes.high if step.high is None else min(codes.high, step.high - codes.offset)
+        if (low, high) != (codes.low, codes.high):
+            codes.low, codes.high, codes.clipped = low, high, False
+        self.values[step.value] = codes
 
     def flatten(self, step: plan.Flatten) -> None:
-        if step.start_dim != 1 or step.end_dim != -1:
-            raise ValueError("to_onnx: only Flatten(start_dim=1, end_dim=-1) exports")
-        self._on_codes_or_float("Flatten", "flatten", axis=1)
+        if step.end_dim != -1:
+            raise ValueError("to_onnx: only Flatten(start_dim, end_dim=-1) exports")
+        self._carry("Flatten", step, axis=step.start_dim)
 
 
 def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
@@ -239,19 +323,15 @@ def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
     return tensor.detach().cpu().numpy().astype(dtype)
 
 
-def _pair(value) -> list[int]:
-    return list(value) if isinstance(value, tuple | list) else [value, value]
-
-
-def _pool_attributes(module: nn.Module) -> dict:
-    kernel = _pair(module.kernel_size)
-    stride = _pair(module.stride or module.kernel_size)
-    padding = _pair(module.padding)
+def _pool_attributes(spec: plan.PoolSpec) -> dict:
     attributes = dict(
-        kernel_shape=kernel, strides=stride, pads=padding + padding, ceil_mode=int(module.ceil_mode)
+        kernel_shape=list(spec.kernel),
+        strides=list(spec.stride),
+        pads=list(spec.padding) * 2,
+        ceil_mode=int(spec.ceil_mode),
     )
-    if isinstance(module, nn.MaxPool2d):
-        attributes["dilations"] = _pair(module.dilation)
+    if spec.kind == "max":
+        attributes["dilations"] = list(spec.dilation)
     return attributes
 
 
@@ -261,40 +341,46 @@ def to_onnx(
     path: str | Path,
     example_input: torch.Tensor,
     quantize_input: bool | None = None,
+    weight_dtype: str = "auto",
 ) -> Path:
     """Write the QDQ ONNX model of a trained QAT ``model`` to ``path`` (see the module
     docstring) and return the path.
 
     Args:
-        model: a QAT model that `to_integer` accepts (quantized Conv2d/Linear, ReLU,
-            pooling, Flatten in nested ``nn.Sequential``), trained or calibrated.
+        model: a QAT model that `plan_deployment` accepts (quantized Conv2d/Linear,
+            BatchNorm, ReLU/ReLU6, residual add, concatenation, pooling, flatten), trained
+            or calibrated.
         path: the ``.onnx`` file to write.
         example_input: a batch of the model's input; its shape fixes the input shape
             except the batch dimension, which stays dynamic.
         quantize_input: ``None`` to treat the first layer's input as training did,
             ``True`` to quantize it (integer-only), ``False`` to keep it float.
+        weight_dtype: ``"auto"`` (exact on every CPU), ``"int8"`` or ``"uint8"``; see the
+            module docstring.
 
     Raises:
-        ValueError: a module the export cannot express (as `to_integer`).
+        ValueError: an op the export cannot express (named, as by `plan_deployment`).
     """
     was_training = model.training
     model.eval()
     try:
-        steps = plan_deployment(model)
+        deployment = plan_deployment(model)
         output_shape = ["batch", *model(example_input).shape[1:]]
     finally:
         model.train(was_training)
-    exporter = _Exporter(quantize_input)
+    exporter = _Exporter(deployment, quantize_input, weight_dtype)
     handlers = {
-        plan.QuantizeInput: exporter.input,
+        plan.QuantizeInput: exporter.quantize_input,
         plan.QuantizedLayer: exporter.layer,
-        plan.ReLU: exporter.relu,
+        plan.Add: exporter.add,
+        plan.Concat: exporter.concat,
         plan.Pool: exporter.pool,
+        plan.ReLU: exporter.relu,
         plan.Flatten: exporter.flatten,
     }
-    for step in steps:
+    for step in deployment:
         handlers[type(step)](step)
-    output = exporter.dequantized()
+    output = exporter.dequantized(deployment.output)
     graph = exporter.graph
     graph.nodes.append(helper.make_node("Identity", [output], ["logits"], name="logits"))
     input_shape = ["batch", *example_input.shape[1:]]

@@ -1,20 +1,29 @@
-"""What a trained QAT model deploys as: a list of integer steps, shared by every exporter.
+"""What a trained QAT model deploys as: integer steps on named values, shared by every
+exporter.
 
-`plan_deployment` walks a QAT model made of quantized Conv2d/Linear layers, ReLU,
-pooling and Flatten in (nested) ``nn.Sequential`` (LeNet, NIN) and returns the steps of
-Jacob et al. 2018's integer-only model (section 2.2), with every number already on its
-integer grid:
+`plan_deployment` traces a prepared model with torch.fx (`lightning_qat.graph`) and
+lowers it to the steps of Jacob et al. 2018's integer-only model (section 2.2), with
+every number already on its integer grid. Each step reads named values and writes one;
+a value is either float or integer codes on a `QuantGrid`:
 
-- `QuantizeInput`: the float input to codes on the first layer's input grid;
-- `QuantizedLayer`: weight codes (BN folded in), an int32 bias of scale ``s_x s_w`` and
-  zero point 0, the input grid and the grid its output is requantized to (the next
-  quantized layer's input grid), or ``None`` for the last layer, whose accumulator is
-  dequantized to float;
-- `ReLU` (a clamp at the zero point on codes), `Pool` (max pooling commutes with
-  quantization) and `Flatten`.
+- `QuantizeInput`: float to codes (the model input, or the output of a float op that an
+  integer op reads);
+- `QuantizedLayer`: a Conv2d (grouped and depthwise too) or Linear with weight codes (BN
+  folded in), an int32 bias of scale ``s_x s_w``, its input grid, and the grid its
+  accumulator is requantized to (that of the tensor's next integer consumer) or ``None``
+  (dequantized to float);
+- `Add`, `Concat`: each input on its own grid, requantized to the output grid (TFLite's
+  add, onnxruntime's QLinearAdd and QLinearConcat), or in float where an input or the
+  output is not quantized;
+- `Pool`: max pooling on codes (it commutes with quantization), average pooling with the
+  mean rounded on codes and requantized, or either in float;
+- `ReLU` (a clamp at the zero point on codes; ReLU6 also at the code of 6.0) and
+  `Flatten`.
 
-`to_integer` (the exact reference) and `to_onnx` (onnxruntime's int8 kernels) both read
-this plan, so they deploy the same numbers.
+Dropout, identity, folded BatchNorms and activation quantizers whose input is already on
+their grid write no step: their output is their input's value. `to_integer` (the exact
+reference) and `to_onnx` (onnxruntime's int8 kernels) both read this plan, so they
+deploy the same numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d
-from lightning_qat.quant import FakeQuantize, compute_qparams
+from lightning_qat.graph import Kind, Op, PoolSpec, classify, trace
+from lightning_qat.graph.ops import SAME_GRID
+from lightning_qat.graph.placement import data_users
+from lightning_qat.nn import QuantConv2d, QuantConvBn2d
+from lightning_qat.quant import FakeQuantize, bias_codes, compute_qparams
 
-PASS_THROUGH = (nn.Flatten, nn.Identity, nn.Dropout, FoldedBatchNorm2d)
-POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 INT32_MAX = 2**31 - 1
 
 
@@ -43,104 +53,162 @@ class QuantGrid:
     qmin: int
     qmax: int
 
+    def code_of(self, value: float) -> int:
+        """The code of a real value, clamped to the grid (e.g. ReLU6's 6.0)."""
+        return int(min(max(round(value / self.scale) + self.zero_point, self.qmin), self.qmax))
+
 
 @dataclass
-class QuantizeInput:
-    """``q = clamp(round(x / s) + z, qmin, qmax)`` of the float input."""
+class Step:
+    """One deployed op: reads the values named ``inputs``, writes the value ``value``."""
+
+    inputs: tuple[str, ...]
+    value: str
+
+
+@dataclass
+class QuantizeInput(Step):
+    """``q = clamp(round(x / s) + z, qmin, qmax)`` of a float value."""
 
     grid: QuantGrid
-    #: the input was left float in training (``quantize_first_input=False``)
-    float_in_training: bool
+    #: the value was left float in training (``quantize_first_input=False``)
+    float_in_training: bool = False
 
 
 @dataclass
-class QuantizedLayer:
+class QuantizedLayer(Step):
     """One quantized Conv2d or Linear with every number on its integer grid.
 
     ``acc = Σ (q_x - z_x)(q_w - z_w) + bias`` (int32 arithmetic; ``bias`` of scale
-    ``s_x s_w``, zero point 0, Jacob et al. section 2.4), then requantized to ``output``
-    with ``M = s_x s_w / s_out`` or, where ``output`` is None, dequantized as
+    ``s_x s_w``, zero point 0, Jacob et al. section 2.4), then requantized to
+    ``output_grid`` with ``M = s_x s_w / s_out`` or, where it is None, dequantized as
     ``acc · s_x s_w``.
     """
 
-    name: str
-    kind: str  # "conv" or "linear"
-    weight_codes: torch.Tensor  # int64 codes q_w, (out, in[, kh, kw])
-    weight_scale: torch.Tensor  # float64, one per output channel (or 0-d)
-    weight_zero_point: torch.Tensor  # int64, as weight_scale
-    weight_qmin: int
-    weight_qmax: int
-    bias: torch.Tensor  # int64 values of int32 range, (out,)
-    input: QuantGrid
-    output: QuantGrid | None
+    name: str = ""
+    kind: str = "conv"  # "conv" or "linear"
+    weight_codes: torch.Tensor = None  # int64 codes q_w, (out, in[, kh, kw])
+    weight_scale: torch.Tensor = None  # float64, one per output channel (or 0-d)
+    weight_zero_point: torch.Tensor = None  # int64, as weight_scale
+    weight_qmin: int = -127
+    weight_qmax: int = 127
+    bias: torch.Tensor = None  # int64 values of int32 range, (out,)
+    input_grid: QuantGrid = None
+    output_grid: QuantGrid | None = None
     conv_args: dict = field(default_factory=dict)
 
     @property
     def accumulator_scale(self) -> torch.Tensor:
-        """``s_x s_w`` per output channel (float64)."""
-        return (self.input.scale * self.weight_scale.double()).expand(self.weight_codes.shape[0])
+        """``s_x s_w`` per output channel, the float32 product as float64."""
+        scale = torch.tensor(self.input_grid.scale, dtype=torch.float32) * self.weight_scale.float()
+        return scale.double().expand(self.weight_codes.shape[0])
 
 
 @dataclass
-class ReLU:
-    """ReLU: on codes a clamp at the zero point (``zero_point``); on float (after the last
-    layer's dequantization) ``zero_point`` is None."""
+class Add(Step):
+    """``y = a + b``: on codes, each input requantized to ``output_grid`` and added
+    (TFLite's integer add); in float where an input grid or the output grid is None."""
 
-    zero_point: int | None
-
-
-@dataclass
-class Pool:
-    """A pooling module, applied on codes (``on_codes``) or on float."""
-
-    module: nn.Module
-    on_codes: bool
+    input_grids: tuple[QuantGrid | None, ...] = ()
+    output_grid: QuantGrid | None = None
 
 
 @dataclass
-class Flatten:
-    start_dim: int
-    end_dim: int
+class Concat(Step):
+    """Concatenation along ``dim``: on codes, each input requantized to ``output_grid``
+    (onnxruntime's QLinearConcat); in float where a grid is None."""
+
+    dim: int = 1
+    input_grids: tuple[QuantGrid | None, ...] = ()
+    output_grid: QuantGrid | None = None
 
 
-Step = QuantizeInput | QuantizedLayer | ReLU | Pool | Flatten
+@dataclass
+class Pool(Step):
+    """Pooling. Max pooling on codes keeps the grid (``output_grid == input_grid``);
+    average pooling on codes with an ``output_grid`` sums ``q - z_in`` over the window and
+    requantizes with ``M = s_in / (N s_out)``; with ``output_grid`` None it pools in float
+    (dequantizing codes first)."""
+
+    pool: PoolSpec = None
+    input_grid: QuantGrid | None = None
+    output_grid: QuantGrid | None = None
 
 
-def _leaves(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The (name, module) of a (nested) Sequential in call order."""
-    stack = [("", model)]
-    while stack:
-        prefix, module = stack.pop()
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            children = [(f"{prefix}.{n}" if prefix else n, c) for n, c in module.named_children()]
-            stack.extend(reversed(children))
-        else:
-            yield prefix, module
+@dataclass
+class ReLU(Step):
+    """ReLU (or ReLU6): on codes a clamp to ``[zero_point, high]`` (``high`` the code of
+    6.0 for ReLU6, else None); on float (``zero_point`` None) ``clamp(x, 0, high)``."""
+
+    zero_point: int | None = None
+    high: float | int | None = None
+
+
+@dataclass
+class Flatten(Step):
+    start_dim: int = 1
+    end_dim: int = -1
+
+
+@dataclass
+class DeploymentPlan:
+    """The steps, in an order that computes every input before it is read.
+
+    Attributes:
+        steps: the steps.
+        input: the name of the float model input.
+        output: the name of the model output (float, or codes on ``grids[output]``).
+        grids: the grid of every value held as codes.
+    """
+
+    steps: list[Step]
+    input: str
+    output: str
+    grids: dict[str, QuantGrid]
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def consumers(self, value: str) -> list[Step]:
+        """The steps reading ``value``."""
+        return [step for step in self.steps if value in step.inputs]
 
 
 def quantize_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(x / s) + z, qmin, qmax)`` as int64 (round half to even, as torch)."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64)
+    """``clamp(round(x · (1/s)) + z, qmin, qmax)`` as int64, computed in float32 exactly as
+    torch's fake-quant kernels compute it (``nearbyint(x * inv_scale)``, half to even)."""
+    inverse = torch.reciprocal(torch.as_tensor(scale, dtype=torch.float32))
+    codes = torch.round(x.float() * inverse) + torch.as_tensor(zero_point)
+    return torch.clamp(codes, qmin, qmax).to(torch.int64)
 
 
-def _input_grid(quantizer: FakeQuantize, name: str) -> QuantGrid:
+def grid_of(quantizer: FakeQuantize, name: str) -> QuantGrid:
+    """The per-tensor grid of an activation quantizer that has observed data."""
     if not torch.isfinite(quantizer.observer.min_val).all():
         raise ValueError(
             f"{name or 'a layer'} never observed its input: train or calibrate the model "
             "before exporting"
         )
+    if quantizer.per_channel:
+        raise ValueError(f"export: {name} quantizes its input per channel; per tensor only")
     return QuantGrid(
         float(quantizer.scale), int(quantizer.zero_point), quantizer.quant_min, quantizer.quant_max
     )
 
 
-def _float_weight_and_bias(
+def _weight_codes(
     layer: nn.Module, following_bn: nn.BatchNorm2d | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float weight and bias as the deployed layer computes them, and the weight's scale
-    and zero point. An unfolded BatchNorm after the layer is folded in here and the folded
-    weight re-quantized with ranges from its own values (the cost of not folding in
-    training)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero_point, float weight, float bias)`` as the deployed layer
+    computes them.
+
+    The codes are read back from the weight quantizer's own output, so they are those the
+    fake-quant model multiplies with, bit for bit. An unfolded BatchNorm after the layer is
+    folded in here and the folded weight re-quantized with ranges from its own values (the
+    cost of not folding in training)."""
     quantizer = layer.weight_quantizer
     if isinstance(layer, QuantConvBn2d):
         factor = layer.fold_factor()
@@ -148,21 +216,29 @@ def _float_weight_and_bias(
     else:
         weight = layer.weight
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
-    if quantizer.observer_enabled:
-        quantizer(weight)  # the scales of the current weights, as an eval forward computes
-    scale, zero_point = quantizer.scale, quantizer.zero_point
-    if following_bn is not None:
-        bn = following_bn
-        factor = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = weight * factor.reshape(-1, *[1] * (weight.dim() - 1))
-        bias = bn.bias + (bias - bn.running_mean) * factor
-        dims = tuple(range(1, weight.dim()))
-        low = weight.amin(dim=dims) if quantizer.per_channel else weight.min()
-        high = weight.amax(dim=dims) if quantizer.per_channel else weight.max()
-        scale, zero_point = compute_qparams(
-            low, high, quantizer.quant_min, quantizer.quant_max, quantizer.symmetric
-        )
-    return weight.detach(), bias.detach(), scale.double(), zero_point.long()
+    shape = (-1, *[1] * (weight.dim() - 1))
+    if following_bn is None:
+        # an eval forward computes the scales of the current weights where observing
+        fake = quantizer(weight).double()
+        scale, zero_point = quantizer.scale.double(), quantizer.zero_point.long()
+        view = scale.reshape(shape) if quantizer.per_channel else scale
+        z = zero_point.reshape(shape) if quantizer.per_channel else zero_point
+        codes = torch.round(fake / view).long() + z
+        return codes, scale, zero_point, weight.detach(), bias.detach()
+    bn = following_bn
+    factor = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = weight * factor.reshape(shape)
+    bias = bn.bias + (bias - bn.running_mean) * factor
+    dims = tuple(range(1, weight.dim()))
+    low = weight.amin(dim=dims) if quantizer.per_channel else weight.min()
+    high = weight.amax(dim=dims) if quantizer.per_channel else weight.max()
+    scale, zero_point = compute_qparams(
+        low, high, quantizer.quant_min, quantizer.quant_max, quantizer.symmetric
+    )
+    view = scale.reshape(shape) if quantizer.per_channel else scale
+    z = zero_point.reshape(shape) if quantizer.per_channel else zero_point
+    codes = quantize_codes(weight, view, z, quantizer.quant_min, quantizer.quant_max)
+    return codes, scale.double(), zero_point.long(), weight.detach(), bias.detach()
 
 
 def _fit_bias_in_int32(
@@ -176,26 +252,37 @@ def _fit_bias_in_int32(
     stay 0) and keeps the bias exact to within one step of ``s_x s_w``.
     """
     per_channel = weight_scale.dim() == 1
-    needed = bias.double().abs() / (input_scale * (INT32_MAX - 1))
+    # codes up to 2^30: half the int32 range, a margin for the float32 scale product
+    needed = bias.double().abs() / (input_scale * 2**30)
     if not per_channel:
         needed = needed.max()
     return torch.maximum(weight_scale, needed)
 
 
 def _layer(
-    name: str, module: nn.Module, bn: nn.BatchNorm2d | None, grid: QuantGrid, output
+    name: str,
+    module: nn.Module,
+    bn: nn.BatchNorm2d | None,
+    grid: QuantGrid,
+    output_grid: QuantGrid | None,
+    inputs: tuple[str, ...],
+    value: str,
 ) -> QuantizedLayer:
-    weight, bias, s_w, z_w = _float_weight_and_bias(module, bn)
+    codes, s_w, z_w, weight, bias = _weight_codes(module, bn)
     quantizer = module.weight_quantizer
-    s_w = _fit_bias_in_int32(bias, grid.scale, s_w)
-    shape = (-1, *[1] * (weight.dim() - 1))
-    codes = quantize_codes(
-        weight.double(),
-        s_w.reshape(shape),
-        z_w.reshape(shape),
-        quantizer.quant_min,
-        quantizer.quant_max,
-    )
+    fitted = _fit_bias_in_int32(bias, grid.scale, s_w)
+    if not torch.equal(fitted, s_w):  # a dead channel: its codes on the coarser scale
+        shape = (-1, *[1] * (weight.dim() - 1))
+        changed = (fitted != s_w).reshape(shape) if fitted.dim() else fitted != s_w
+        recoded = quantize_codes(
+            weight,
+            fitted.reshape(shape) if fitted.dim() else fitted,
+            z_w.reshape(shape) if z_w.dim() else z_w,
+            quantizer.quant_min,
+            quantizer.quant_max,
+        )
+        codes = torch.where(changed, recoded, codes)
+        s_w = fitted
     conv_args = {}
     if weight.dim() == 4:
         if module.padding_mode != "zeros":
@@ -206,8 +293,12 @@ def _layer(
             dilation=tuple(module.dilation),
             groups=module.groups,
         )
-    accumulator_scale = (grid.scale * s_w).expand(weight.shape[0])
+    # s_b = s_x s_w in float32, the product the fake-quant layer rounds its bias with
+    bias_scale = (torch.tensor(grid.scale, dtype=torch.float32) * s_w.float()).double()
+    accumulator_scale = bias_scale.expand(weight.shape[0])
     return QuantizedLayer(
+        inputs=inputs,
+        value=value,
         name=name,
         kind="conv" if weight.dim() == 4 else "linear",
         weight_codes=codes,
@@ -215,69 +306,212 @@ def _layer(
         weight_zero_point=z_w,
         weight_qmin=quantizer.quant_min,
         weight_qmax=quantizer.quant_max,
-        bias=torch.round(bias.double() / accumulator_scale).to(torch.int64),
-        input=grid,
-        output=output,
+        bias=bias_codes(bias.float(), accumulator_scale).to(torch.int64),
+        input_grid=grid,
+        output_grid=output_grid,
         conv_args=conv_args,
     )
 
 
+class _Planner:
+    """Walks the classified graph of a prepared model in order and writes the steps."""
+
+    def __init__(self, model: nn.Module):
+        try:
+            traced = trace(model)
+        except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
+            raise ValueError(
+                f"export: torch.fx could not trace {type(model).__name__} "
+                f"({type(err).__name__}: {err}); the export needs a traceable model"
+            ) from err
+        self.ops = classify(traced.graph, traced.modules)
+        self.users = data_users(self.ops)
+        self.steps: list[Step] = []
+        self.names: dict[fx.Node, str] = {}  # node -> the value it holds
+        self.grids: dict[str, QuantGrid] = {}  # value -> its grid, for codes
+        self.merged: set[fx.Node] = set()  # BatchNorms folded into the layer before them
+        self.input: str | None = None
+        self.output: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def grid(self, node: fx.Node) -> QuantGrid | None:
+        return self.grids.get(self.names[node])
+
+    def target_grid(self, node: fx.Node) -> QuantGrid | None:
+        """The grid the value of ``node`` is quantized to by what reads it (through
+        grid-keeping ops): an activation quantizer, or a layer's own input quantizer;
+        None where nothing quantizes it."""
+        grids, stack = set(), list(self.users[node])
+        while stack:
+            op = self.ops[stack.pop()]
+            module = op.params.get("module")
+            if op.kind is Kind.QUANTIZER:
+                grids.add(grid_of(module, op.where))
+            elif op.kind is Kind.LAYER and not module.input_quantized_upstream:
+                grids.add(grid_of(module.activation_quantizer, op.where))
+            elif op.kind in SAME_GRID:
+                stack.extend(self.users[op.node])
+        if len(grids) > 1:
+            raise ValueError(
+                f"export: the output of {self.ops[node].label} is read on {len(grids)} "
+                "different grids; prepare the model with this version of prepare_qat"
+            )
+        return grids.pop() if grids else None
+
+    def emit(self, step: Step, node: fx.Node, grid: QuantGrid | None) -> None:
+        self.steps.append(step)
+        self.names[node] = step.value
+        if grid is not None:
+            self.grids[step.value] = grid
+
+    def quantized(self, node: fx.Node, grid: QuantGrid, float_in_training: bool) -> str:
+        """The value of ``node`` as codes on ``grid`` (quantizing it if it is float)."""
+        name = self.names[node]
+        have = self.grids.get(name)
+        if have is None:
+            value = f"{name}_q"
+            self.steps.append(QuantizeInput((name,), value, grid, float_in_training))
+            self.grids[value] = grid
+            return value
+        if have != grid:
+            raise ValueError(
+                f"export: {self.ops[node].label} is on one grid and read on another; "
+                "prepare the model with this version of prepare_qat"
+            )
+        return name
+
+    def refuse(self, op: Op | list[Op], why: str = "") -> None:
+        ops = op if isinstance(op, list) else [op]
+        raise ValueError(
+            f"export: cannot run {'; '.join(o.label for o in ops)} on integers{why} "
+            "(supported: quantized Conv2d/Linear with folded or float BatchNorm, "
+            "ReLU/ReLU6, residual add, concatenation, max/average/adaptive-average "
+            "pooling, flatten, dropout, identity)"
+        )
+
+    # ------------------------------------------------------------------ the walk
+    def run(self) -> DeploymentPlan:
+        unsupported = [op for op in self.ops.values() if op.kind is Kind.FLOAT]
+        if unsupported:  # all of them at once
+            self.refuse(unsupported)
+        for node, op in self.ops.items():
+            if node in self.merged or op.kind in (Kind.META,):
+                continue
+            handler = getattr(self, f"_{op.kind.value}", None)
+            if handler is None:
+                self.refuse(op)
+            handler(node, op)
+        if not any(isinstance(s, QuantizedLayer) for s in self.steps):
+            raise ValueError("export found no quantized layer: convert with prepare_qat first")
+        return DeploymentPlan(self.steps, self.input, self.output, self.grids)
+
+    def _input(self, node: fx.Node, op: Op) -> None:
+        if self.input is not None:
+            if self.users[node]:
+                self.refuse(op, " (a second model input)")
+            return
+        self.input = self.names[node] = node.name
+
+    def _output(self, node: fx.Node, op: Op) -> None:
+        if len(op.inputs) != 1 or not isinstance(node.args[0], fx.Node):
+            self.refuse(op, " (the export writes models with one output tensor)")
+        self.output = self.names[op.inputs[0]]
+
+    def _const(self, node: fx.Node, op: Op) -> None:
+        if self.users[node]:
+            self.refuse(op, " (a parameter or buffer read in forward)")
+
+    def _identity(self, node: fx.Node, op: Op) -> None:
+        self.names[node] = self.names[op.inputs[0]]
+
+    def _quantizer(self, node: fx.Node, op: Op) -> None:
+        module = op.params["module"]
+        source = op.inputs[0]
+        grid = grid_of(module, op.where)
+        self.names[node] = self.quantized(source, grid, not module.fake_quant_enabled)
+
+    def _layer(self, node: fx.Node, op: Op) -> None:
+        module = op.params["module"]
+        if not hasattr(module, "weight_quantizer"):
+            self.refuse(op, " (a float layer: excluded from quantization)")
+        quantizer = module.activation_quantizer
+        grid = grid_of(quantizer, op.where)
+        source = self.quantized(op.inputs[0], grid, not quantizer.fake_quant_enabled)
+        users = self.users[node]
+        bn, value_node = None, node
+        if len(users) == 1 and self.ops[users[0]].kind is Kind.LAYER_BN:
+            if not isinstance(module, QuantConv2d) or isinstance(module, QuantConvBn2d):
+                self.refuse(self.ops[users[0]], " (a float BatchNorm after a folded layer)")
+            bn, value_node = self.ops[users[0]].params["module"], users[0]
+            self.merged.add(value_node)
+            self.names[node] = f"{node.name}_conv"  # never read: the BN's value replaces it
+        output_grid = self.target_grid(value_node)
+        step = _layer(op.where, module, bn, grid, output_grid, (source,), value_node.name)
+        self.emit(step, value_node, output_grid)
+
+    def _layer_bn(self, node: fx.Node, op: Op) -> None:
+        self.refuse(op, " (a float BatchNorm that no quantized conv folds)")
+
+    def _binary(self, node: fx.Node, op: Op, make) -> None:
+        grids = tuple(self.grid(i) for i in op.inputs)
+        output_grid = self.target_grid(node) if all(g is not None for g in grids) else None
+        inputs = tuple(self.names[i] for i in op.inputs)
+        self.emit(make(inputs, node.name, grids, output_grid), node, output_grid)
+
+    def _add(self, node: fx.Node, op: Op) -> None:
+        self._binary(node, op, lambda i, v, g, o: Add(i, v, input_grids=g, output_grid=o))
+
+    def _cat(self, node: fx.Node, op: Op) -> None:
+        dim = op.params["dim"]
+        if not isinstance(dim, int):
+            self.refuse(op, " (a concatenation axis computed in forward)")
+        self._binary(
+            node, op, lambda i, v, g, o: Concat(i, v, dim=dim, input_grids=g, output_grid=o)
+        )
+
+    def _avgpool(self, node: fx.Node, op: Op) -> None:
+        source = op.inputs[0]
+        grid = self.grid(source)
+        # in float where nothing integer reads the result (NIN's global pooling at the end)
+        output_grid = self.target_grid(node) if grid is not None else None
+        step = Pool((self.names[source],), node.name, op.params["pool"], grid, output_grid)
+        self.emit(step, node, output_grid)
+
+    def _maxpool(self, node: fx.Node, op: Op) -> None:
+        source = op.inputs[0]
+        grid = self.grid(source)
+        step = Pool((self.names[source],), node.name, op.params["pool"], grid, grid)
+        self.emit(step, node, grid)
+
+    def _relu(self, node: fx.Node, op: Op) -> None:
+        source = op.inputs[0]
+        grid = self.grid(source)
+        high = op.params.get("high")
+        if grid is None:
+            step = ReLU((self.names[source],), node.name, None, high)
+        else:
+            code_high = grid.code_of(high) if high is not None else None
+            step = ReLU((self.names[source],), node.name, grid.zero_point, code_high)
+        self.emit(step, node, grid)
+
+    def _flatten(self, node: fx.Node, op: Op) -> None:
+        source = op.inputs[0]
+        grid = self.grid(source)
+        self.emit(Flatten((self.names[source],), node.name, op.params["start_dim"]), node, grid)
+
+
 @torch.no_grad()
-def plan_deployment(model: nn.Module) -> list[Step]:
+def plan_deployment(model: nn.Module) -> DeploymentPlan:
     """The integer steps of a trained QAT ``model`` (see the module docstring).
 
     Raises:
-        ValueError: a module that cannot run on integers (a float layer between quantized
-            ones, an unfolded BatchNorm not right after a quantized conv, non-zero
-            padding), a layer that never observed its input, or no quantized layer.
+        ValueError: an op the deployment cannot express (named with its module path,
+            e.g. ``layer1.0: mul (x * sigmoid(x))``), a model torch.fx cannot trace, a
+            layer that never observed its input, or no quantized layer.
     """
-    leaves = list(_leaves(model))
-    steps: list[Step] = []
-    grid: QuantGrid | None = None  # the grid of the current codes; None once float
-    started = False
-    skip = set()
-    for index, (name, module) in enumerate(leaves):
-        if index in skip or isinstance(module, PASS_THROUGH):
-            if isinstance(module, nn.Flatten):
-                steps.append(Flatten(module.start_dim, module.end_dim))
-            continue
-        if isinstance(module, QUANTIZED_LAYERS):
-            quantizer = module.activation_quantizer
-            layer_input = _input_grid(quantizer, name)
-            if not started:
-                if any(not isinstance(step, Flatten) for step in steps):
-                    raise ValueError(
-                        f"export: {type(leaves[index - 1][1]).__name__} runs in float before "
-                        "the first quantized layer; only the input may be float"
-                    )
-                steps.append(QuantizeInput(layer_input, not quantizer.fake_quant_enabled))
-                started = True
-            elif grid is None:
-                raise ValueError(f"export: {name} follows a float layer output")
-            following = leaves[index + 1][1] if index + 1 < len(leaves) else None
-            bn = following if type(following) is nn.BatchNorm2d else None
-            if bn is not None:
-                if not isinstance(module, QuantConv2d) or isinstance(module, QuantConvBn2d):
-                    raise ValueError("export: an unfolded BatchNorm must follow a QuantConv2d")
-                skip.add(index + 1)
-            next_layer = next(
-                ((n, m) for n, m in leaves[index + 1 :] if isinstance(m, QUANTIZED_LAYERS)),
-                None,
-            )
-            grid = None
-            if next_layer is not None:
-                grid = _input_grid(next_layer[1].activation_quantizer, next_layer[0])
-            steps.append(_layer(name, module, bn, layer_input, grid))
-        elif isinstance(module, nn.ReLU):
-            steps.append(ReLU(grid.zero_point if grid is not None else None))
-        elif isinstance(module, POOLS):
-            steps.append(Pool(module, on_codes=grid is not None))
-        else:
-            raise ValueError(
-                f"export: cannot run {name} ({type(module).__name__}) on integers "
-                "(supported: quantized Conv2d/Linear, ReLU, max/average pooling, Flatten; "
-                "an unfolded BatchNorm right after a quantized conv)"
-            )
-    if not started:
-        raise ValueError("export found no quantized layer: convert with prepare_qat first")
-    return steps
+    was_training = model.training
+    model.eval()
+    try:
+        return _Planner(model).run()
+    finally:
+        model.train(was_training)
