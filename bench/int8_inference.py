@@ -1,25 +1,28 @@
-"""Inference latency and size of NIN: PyTorch FP32 against int8 runtimes, in one run.
+"""Inference latency and size: PyTorch FP32 against int8 runtimes, per model, in one run.
 
-    python bench/int8_inference.py            # NIN, batch 1 and 128, 2 threads
-    python bench/int8_inference.py --quick    # tiny NIN: a smoke run
+    python bench/int8_inference.py                       # NIN, ResNet-20, resnet18; batch 1, 128
+    python bench/int8_inference.py --models resnet20     # one model
+    python bench/int8_inference.py --quick               # tiny NIN and ResNet-8: a smoke run
 
-Rows, each timed at batch 1 and batch 128 and given as a ratio to PyTorch FP32 eager
-(the faster of contiguous and channels_last memory, chosen per batch size):
+Models: NIN (DESIGN.md widths), ResNet-20 and torchvision's resnet18 at 32x32 inputs. Rows,
+each timed at every batch size and given as a ratio to PyTorch FP32 eager (the faster of
+contiguous and channels_last memory, chosen per batch size) and to onnxruntime FP32:
 
 - PyTorch FP32 eager; onnxruntime FP32 (the float model through torch.onnx.export);
-- ours: `lightning_qat.export.to_onnx` of a QAT model in onnxruntime, for symmetric and
-  asymmetric quantization (symmetric int8 weights have zero point 0, asymmetric ones a
-  zero point per channel: different kernels), the first layer's input quantized
-  (integer-only) and, as the reference implementation trains NIN, left float;
-- onnxruntime's own static quantizer (QDQ, int8 activations and weights, per-channel,
-  after its pre-processing that folds BN), as a reference point;
-- torch.ao's converted int8 model (eager mode, x86 backend) where torch still ships it.
+- ours: `lightning_qat.export.to_onnx` of a QAT model in onnxruntime, symmetric and
+  asymmetric (first input quantized: integer-only), and symmetric with the first layer's
+  input left float (the reference implementation's training choice);
+- onnxruntime's own static quantizer on the same float graph (QDQ, uint8 activations,
+  int8 per-channel weights: its fastest form on x86; it computes int16 pair sums that
+  can saturate on CPUs without VNNI, which ours avoids), after its pre-processing;
+- torch.ao's converted int8 model (x86 backend; eager mode for the Sequential NIN, FX
+  graph mode for the residual models) where torch still ships it.
 
-Speed does not depend on what the weights are, so the QAT models are NIN with activation
-ranges observed on a few random batches rather than trained ones. The variants are timed
+Speed does not depend on what the weights are, so the QAT models have their activation
+ranges observed on a few random batches rather than trained. The variants are timed
 round-robin (one call of each per round) so that load on this shared machine hits them
-alike; the median per variant is reported. Sizes: the ONNX files, and torch.save of
-the state_dict for the PyTorch rows.
+alike; the median per variant is reported. Sizes: the ONNX files, and torch.save of the
+state_dict for the PyTorch rows.
 """
 
 from __future__ import annotations
@@ -36,20 +39,34 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import torchvision
 from torch import nn
-from torch_ao_baselines import torch_ao_int8
+from torch_ao_baselines import torch_ao_int8, torch_ao_int8_fx
 
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.export import OnnxRuntimeModel, to_onnx
-from lightning_qat.models import NIN, NIN_WIDTHS
+from lightning_qat.models import NIN, NIN_WIDTHS, ResNetCifar
 
 Runner = Callable[[np.ndarray], object]
 
 
-def observed_qat_nin(widths, config: QuantConfig, batches: list[torch.Tensor]) -> nn.Module:
-    """A NIN prepared for QAT whose activation ranges have seen ``batches``."""
+def build(name: str, quick: bool) -> nn.Module:
+    """A fresh float model: ``nin``, ``resnet20`` or ``resnet18`` (ResNet-8 / tiny NIN with
+    ``quick``)."""
+    if name == "nin":
+        widths = tuple(max(4, w // 16) for w in NIN_WIDTHS) if quick else NIN_WIDTHS
+        return NIN(widths=widths)
+    if name == "resnet20":
+        return ResNetCifar(depth=8 if quick else 20)
+    if name == "resnet18":
+        return ResNetCifar(depth=8) if quick else torchvision.models.resnet18(num_classes=10)
+    raise ValueError(f"unknown model {name!r}: use nin, resnet20, resnet18")
+
+
+def observed_qat(name: str, quick: bool, config: QuantConfig, batches: list[torch.Tensor]):
+    """The model prepared for QAT, its activation ranges observed on ``batches``."""
     torch.manual_seed(0)
-    model = prepare_qat(NIN(widths=widths), config).train()
+    model = prepare_qat(build(name, quick), config).train()
     with torch.no_grad():
         for x in batches:
             model(x)
@@ -89,7 +106,7 @@ def export_float_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> Pa
 def onnxruntime_static_quantization(
     float_path: Path, out: Path, batches: list[torch.Tensor]
 ) -> Path | None:
-    """onnxruntime's quantize_static (QDQ, QInt8 activations and weights, per channel)
+    """onnxruntime's quantize_static (QDQ, QUInt8 activations, QInt8 per-channel weights)
     after its pre-processing; None if the quantization tools are missing."""
     try:
         from onnxruntime.quantization import (
@@ -116,7 +133,7 @@ def onnxruntime_static_quantization(
         str(out),
         Reader(),
         quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=True,
     )
@@ -144,87 +161,99 @@ def time_round_robin(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
-    parser.add_argument("--rounds", type=int, default=9, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny NIN (smoke test)")
-    args = parser.parse_args(argv)
-    widths = tuple(max(4, w // 16) for w in NIN_WIDTHS) if args.quick else NIN_WIDTHS
-    torch.set_num_threads(args.threads)
+ORT_STATIC = "onnxruntime quantize_static (QDQ u8s8)"
+TORCH_AO = "torch.ao int8 (x86)"
+
+
+def runners_for(name: str, args: argparse.Namespace, workdir: Path):
+    """``(eager layouts, runners, sizes)`` of one model's variants."""
     torch.manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32) for _ in range(4)]
-    float_model = NIN(widths=widths).eval()
+    float_model = build(name, args.quick).eval()
     with torch.no_grad():  # BN statistics other than the identity, as after training
         float_model.train()
         for x in calibration:
             float_model(x)
         float_model.eval()
-
-    workdir = Path(tempfile.mkdtemp(prefix="int8_inference_"))
     example = calibration[0][:1]
-    sizes: dict[str, int] = {}
+    sizes = {"PyTorch FP32 eager": state_dict_bytes(float_model)}
     runners: dict[str, Runner] = {}
     eager = {
         "contiguous": torch_runner(float_model, channels_last=False),
         "channels_last": torch_runner(float_model, channels_last=True),
     }
-    sizes["PyTorch FP32 eager"] = state_dict_bytes(float_model)
-
-    float_onnx = export_float_onnx(float_model, workdir / "fp32.onnx", example)
+    float_onnx = export_float_onnx(float_model, workdir / f"{name}_fp32.onnx", example)
     runners["onnxruntime FP32"] = OnnxRuntimeModel(float_onnx, args.threads).run
     sizes["onnxruntime FP32"] = float_onnx.stat().st_size
-
     ours = {
         "ours int8 ONNX, symmetric": (True, True),
         "ours int8 ONNX, asymmetric": (False, True),
         "ours int8 ONNX, symmetric, float first input": (True, None),
     }
-    for name, (symmetric, quantize_input) in ours.items():
+    for label, (symmetric, quantize_input) in ours.items():
         config = QuantConfig(symmetric=symmetric, quantize_first_input=bool(quantize_input))
-        model = observed_qat_nin(widths, config, calibration)
-        path = to_onnx(model, workdir / f"{len(runners)}.onnx", example, quantize_input)
-        runners[name] = OnnxRuntimeModel(path, args.threads).run
-        sizes[name] = path.stat().st_size
-
-    ort_static = onnxruntime_static_quantization(float_onnx, workdir / "ort.onnx", calibration)
+        model = observed_qat(name, args.quick, config, calibration)
+        path = to_onnx(model, workdir / f"{name}_{len(runners)}.onnx", example, quantize_input)
+        runners[label] = OnnxRuntimeModel(path, args.threads).run
+        sizes[label] = path.stat().st_size
+    ort_static = onnxruntime_static_quantization(
+        float_onnx, workdir / f"{name}_ort.onnx", calibration
+    )
     if ort_static is not None:
-        name = "onnxruntime quantize_static (QDQ s8s8)"
-        runners[name] = OnnxRuntimeModel(ort_static, args.threads).run
-        sizes[name] = ort_static.stat().st_size
-
-    ao_model = torch_ao_int8(NIN(widths=widths).eval(), calibration)
+        runners[ORT_STATIC] = OnnxRuntimeModel(ort_static, args.threads).run
+        sizes[ORT_STATIC] = ort_static.stat().st_size
+    fresh = build(name, args.quick).eval()
+    fresh.load_state_dict(float_model.state_dict())
+    convert = torch_ao_int8 if isinstance(fresh, nn.Sequential) else torch_ao_int8_fx
+    ao_model = convert(fresh, calibration)
     if ao_model is not None:
-        runners["torch.ao int8 (x86)"] = torch_runner(ao_model, channels_last=True)
-        sizes["torch.ao int8 (x86)"] = state_dict_bytes(ao_model)
+        runners[TORCH_AO] = torch_runner(ao_model, channels_last=True)
+        sizes[TORCH_AO] = state_dict_bytes(ao_model)
     else:
         print(f"torch.ao: not shipped by torch {torch.__version__}, skipped")
+    return eager, runners, sizes
 
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["nin", "resnet20", "resnet18"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--rounds", type=int, default=9, help="timed calls per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="int8_inference_"))
+    print(
+        f"{args.threads} threads, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+        f"median of {args.rounds} rounds"
+    )
     results: dict[str, dict[str, float]] = {}
-    for batch in args.batch_sizes:
-        x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-        layout = time_round_robin(eager, x, args.rounds, args.warmup)
-        best = min(layout, key=layout.get)
-        timed = time_round_robin(
-            {"PyTorch FP32 eager": eager[best], **runners}, x, args.rounds, args.warmup
-        )
-        results[f"batch {batch}"] = timed
-        print(
-            f"\nNIN inference, batch {batch}, {args.threads} threads, torch {torch.__version__}, "
-            f"onnxruntime {ort.__version__}, median of {args.rounds} rounds "
-            f"(PyTorch FP32 eager: {best}, the faster layout)"
-        )
-        print("| variant | latency (ms) | speed-up vs PyTorch FP32 | size (KB) | smaller |")
-        print("|---|---:|---:|---:|---:|")
-        base_time = timed["PyTorch FP32 eager"]
-        base_size = sizes["PyTorch FP32 eager"]
-        for name, seconds in timed.items():
-            print(
-                f"| {name} | {seconds * 1e3:.1f} | {base_time / seconds:.2f}x "
-                f"| {sizes[name] / 1024:.0f} | {base_size / sizes[name]:.2f}x |"
+    for name in args.models:
+        eager, runners, sizes = runners_for(name, args, workdir)
+        for batch in args.batch_sizes:
+            x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+            layout = time_round_robin(eager, x, args.rounds, args.warmup)
+            best = min(layout, key=layout.get)
+            timed = time_round_robin(
+                {"PyTorch FP32 eager": eager[best], **runners}, x, args.rounds, args.warmup
             )
+            results[f"{name}, batch {batch}"] = timed
+            print(f"\n{name} inference, batch {batch} (PyTorch FP32 eager: {best}, the faster)")
+            print(
+                "| variant | latency (ms) | vs PyTorch FP32 | vs onnxruntime FP32 "
+                "| size (KB) | smaller |"
+            )
+            print("|---|---:|---:|---:|---:|---:|")
+            base, ort_fp32 = timed["PyTorch FP32 eager"], timed["onnxruntime FP32"]
+            base_size = sizes["PyTorch FP32 eager"]
+            for label, seconds in timed.items():
+                print(
+                    f"| {label} | {seconds * 1e3:.1f} | {base / seconds:.2f}x "
+                    f"| {ort_fp32 / seconds:.2f}x | {sizes[label] / 1024:.0f} "
+                    f"| {base_size / sizes[label]:.2f}x |"
+                )
     return results
 
 

@@ -53,3 +53,24 @@ def torch_ao_int8(model: nn.Sequential, batches: list[torch.Tensor]) -> nn.Modul
             for x in batches:
                 prepared(x)
         return ao.convert(prepared)
+
+
+def torch_ao_int8_fx(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module | None:
+    """torch.ao FX graph-mode post-training int8 conversion (x86 backend), calibrated on
+    ``batches``: any traceable model, residual adds included."""
+    ao = _torch_ao()
+    if ao is None:
+        return None
+    try:
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        torch.backends.quantized.engine = "x86"
+        mapping = ao.get_default_qconfig_mapping("x86")
+        prepared = prepare_fx(model.eval(), mapping, (batches[0],))
+        with torch.no_grad():
+            for x in batches:
+                prepared(x)
+        return convert_fx(prepared)

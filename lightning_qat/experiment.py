@@ -62,15 +62,15 @@ def _deployment_results(
 ) -> dict[str, Any]:
     """Accuracy of the deployed models and their top-1 agreement with the fake-quant model:
     the integer-only reference (``deploy.integer``; on the first
-    ``deploy.integer_test_batches`` test batches, as it runs exact arithmetic in float64,
-    several times slower than the model) and the ONNX int8 export in onnxruntime
-    (``deploy.onnx``; written to ``model.int8.onnx`` in the run directory)."""
+    ``deploy.integer_test_batches`` test batches if set, else all) and the ONNX int8 export
+    in onnxruntime (``deploy.onnx``; written to ``model.int8.onnx`` in the run directory).
+    A model the deployment cannot express gets ``integer_error``/``onnx_error`` instead."""
     results: dict[str, Any] = {}
     model = module.model.eval()
     if deploy.integer:
         try:
             integer = to_integer(model)
-        except ValueError as err:  # a model the integer reference cannot run (e.g. skips)
+        except ValueError as err:  # a model the integer reference cannot run (named op)
             results["integer_error"] = str(err)
         else:
             loader = datamodule.test_dataloader()

@@ -175,6 +175,44 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
     assert "qat/phase" in metrics and "val_acc" in metrics
 
 
+@pytest.mark.parametrize(
+    "recipe, overrides",
+    [
+        ("resnet20_qat", ["trainer.max_epochs=3", "qat.freeze_bn_epoch=2", "optimizer.lr=0.02"]),
+        # half width: it trains on the digits in 6 epochs (at 2 it still guesses: ties)
+        (
+            "mobilenet_v2_qat",
+            ["model.width_mult=0.5", "trainer.max_epochs=6", "qat.freeze_bn_epoch=4"],
+        ),
+    ],
+    ids=["resnet20_qat", "mobilenet_v2_qat"],
+)
+def test_residual_recipes_deploy_like_nin(recipe, overrides, tmp_path):
+    """The residual recipes, on the bundled digits (one channel): the run writes the int8
+    ONNX file and the deployed models' columns, whose top-1 is the fake-quant model's."""
+    result = train(
+        f"recipe={recipe}",
+        "data=digits",
+        "model.in_channels=1",
+        *overrides,
+        "qat.start_epoch=0",
+        "qat.freeze_observer_epoch=${qat.freeze_bn_epoch}",
+        "quant=sym_fold_int8_input",  # integer-only: both exports quantize the input
+        "hydra.run.dir=run",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["fake_quant_test_acc"] > 0.9
+    assert "onnx_error" not in results and "integer_error" not in results
+    assert Path(results["onnx_path"]) == tmp_path / "run" / "model.int8.onnx"
+    for prefix in ("integer", "onnx"):
+        assert results[f"{prefix}_test_images"] == 360
+        assert results[f"{prefix}_agreement"] >= 0.99, results
+        assert abs(results[f"{prefix}_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
+
+
 def test_two_job_multirun_and_report(tmp_path):
     result = train(
         "-m",
