@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_qat.models import LeNet
+from lightning_qat.models import LeNet, ResNetCifar
 
 
 class DigitsData(L.LightningDataModule):
@@ -40,10 +40,15 @@ class DigitsData(L.LightningDataModule):
 class DigitsClassifier(L.LightningModule):
     """An ordinary LightningModule: nothing in it knows about quantization."""
 
-    def __init__(self, lr: float = 0.05, widths: tuple[int, int, int] = (8, 16, 32)):
+    def __init__(
+        self, lr: float = 0.05, widths: tuple[int, int, int] = (8, 16, 32), arch: str = "lenet"
+    ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = LeNet(image_size=8, widths=widths)
+        if arch == "resnet8":  # residual adds, projection shortcuts
+            self.net = ResNetCifar(depth=8, in_channels=1)
+        else:
+            self.net = LeNet(image_size=8, widths=widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

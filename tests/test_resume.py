@@ -19,9 +19,9 @@ SCHEDULE = dict(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=3)
 CONFIG = QuantConfig(symmetric=False, weight_bits=4)
 
 
-def run(tmp_path, name, ckpt_path=None, max_epochs=5):
+def run(tmp_path, name, ckpt_path=None, max_epochs=5, arch="lenet"):
     L.seed_everything(0, verbose=False)
-    module = DigitsClassifier()
+    module = DigitsClassifier(arch=arch)
     callback = QuantizationAwareTraining(CONFIG, verbose=False, **SCHEDULE)
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / name, filename="{epoch}", save_top_k=-1, every_n_epochs=1
@@ -70,6 +70,26 @@ def test_resume_at_each_phase_ends_with_identical_state(uninterrupted, epoch, ph
     assert callback.phase == full_callback.phase == "observers_frozen"
     for key in ("val_loss", "val_acc", "train_loss"):
         assert torch.equal(trainer.callback_metrics[key], full_metrics[key]), key
+
+
+def test_a_residual_model_resumes_exactly_with_its_standalone_quantizers(tmp_path):
+    """The quantizers of residual adds live on module boundaries (hooks): a resumed run
+    rebuilds them before the checkpoint loads and ends on the uninterrupted run's state."""
+    full, _, _ = run(tmp_path, "full", max_epochs=4, arch="resnet8")
+    expected = full.state_dict()
+    assert any(".output_quantizer." in key for key in expected)
+    for epoch in (1, 3):  # just converted; observers frozen
+        ckpt = tmp_path / "full" / f"epoch={epoch}.ckpt"
+        resumed, _, _ = run(tmp_path, f"resumed{epoch}", ckpt, max_epochs=4, arch="resnet8")
+        got = resumed.state_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[key], value), f"{key} differs after resuming at {epoch}"
+    restored = restore_qat_checkpoint(DigitsClassifier(arch="resnet8"), ckpt)
+    x = torch.stack([DigitsData().val_set[i][0] for i in range(16)])
+    with torch.no_grad():
+        assert torch.equal(restored(x), full.eval()(x))
 
 
 def test_config_mismatch_on_resume_is_an_error(uninterrupted, tmp_path):
