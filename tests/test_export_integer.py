@@ -157,3 +157,24 @@ def test_unsupported_modules_are_named():
     fresh = prepare_qat(nn.Sequential(nn.Linear(4, 2)), QuantConfig())
     with pytest.raises(ValueError, match="never observed"):
         to_integer(fresh)
+
+
+def test_export_never_reduces_ranges_over_ranks(trained, monkeypatch):
+    """After a DDP run the other ranks may be gone: exporting on rank zero must not reach
+    the observers' all-reduce (each observer keeps its setting afterwards)."""
+    import torch.distributed as dist
+
+    from lightning_qat import quantizers
+
+    model = trained[0]
+    for _, quantizer in quantizers(model):
+        quantizer.observer.sync = True
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("export called all_reduce")
+
+    monkeypatch.setattr(dist, "all_reduce", unreachable)
+    to_integer(model)
+    assert all(q.observer.sync for _, q in quantizers(model))

@@ -3,10 +3,11 @@
 from lightning_qat.export.fixed_point import quantize_multiplier, requantize
 from lightning_qat.export.integer import IntegerModel, to_integer
 from lightning_qat.export.onnx_export import to_onnx
-from lightning_qat.export.plan import plan_deployment
+from lightning_qat.export.plan import DeploymentPlan, plan_deployment
 from lightning_qat.export.runtime import OnnxRuntimeModel, evaluate_deployment
 
 __all__ = [
+    "DeploymentPlan",
     "IntegerModel",
     "OnnxRuntimeModel",
     "evaluate_deployment",

@@ -510,8 +510,15 @@ def plan_deployment(model: nn.Module) -> DeploymentPlan:
             layer that never observed its input, or no quantized layer.
     """
     was_training = model.training
+    observers = [m.observer for m in model.modules() if isinstance(m, FakeQuantize)]
+    synced = [o.sync for o in observers]
     model.eval()
     try:
+        # deployment runs on one process: no all-reduce of ranges (other ranks may be gone)
+        for observer in observers:
+            observer.sync = False
         return _Planner(model).run()
     finally:
         model.train(was_training)
+        for observer, sync in zip(observers, synced, strict=True):
+            observer.sync = sync
