@@ -142,6 +142,7 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
     assert results["params"] > 0 and results["macs"] > results["params"]
     assert results["size_int_bytes"] < results["size_fp32_bytes"] / 3
     assert results["integer_test_images"] == results["test_images"] == 360
+    assert results["integer_seconds"] > 0 and results["onnx_seconds"] > 0  # timed apart
     assert results["integer_agreement"] >= 0.99  # the integer-only export, deployed
     assert abs(results["integer_test_acc"] - results["fake_quant_test_acc"]) <= 0.01
     # the int8 ONNX export in onnxruntime, trained with a float first-layer input (as the
@@ -178,7 +179,17 @@ def test_tiny_run_writes_config_checkpoints_metrics_and_results(tmp_path):
 @pytest.mark.parametrize(
     "recipe, overrides",
     [
-        ("resnet20_qat", ["trainer.max_epochs=3", "qat.freeze_bn_epoch=2", "optimizer.lr=0.02"]),
+        # the LR drops when BN freezes, as in every recipe: at 0.02 the frozen statistics go
+        # stale within the epoch and the accuracy falls from 95% to 81%
+        (
+            "resnet20_qat",
+            [
+                "trainer.max_epochs=3",
+                "qat.freeze_bn_epoch=2",
+                "optimizer.lr=0.02",
+                "scheduler.milestones=[2]",
+            ],
+        ),
         # half width: it trains on the digits in 6 epochs (at 2 it still guesses: ties)
         (
             "mobilenet_v2_qat",
