@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> Path:
         print(
             f"test accuracy {100 * result['export_test_acc']:.2f}% on "
             f"{result['export_test_images']} images; top-1 equal to the fake-quant model on "
-            f"{100 * result['export_agreement']:.2f}%"
+            f"{100 * result['export_agreement']:.2f}%; {result['export_seconds']:.1f} s in the "
+            "exported model"
         )
     return out
 
