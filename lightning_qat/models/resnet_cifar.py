@@ -9,17 +9,18 @@ class BasicBlock(nn.Module):
     """Two 3x3 Conv->BN, identity shortcut or a 1x1 Conv->BN projection when the shape
     changes (option B of the paper)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, bn_momentum: float = 0.1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.bn1 = nn.BatchNorm2d(out_ch, momentum=bn_momentum)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch, momentum=bn_momentum)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                nn.BatchNorm2d(out_ch, momentum=bn_momentum),
             )
         self.relu2 = nn.ReLU(inplace=True)
 
@@ -30,20 +31,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage."""
+    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage.
+    ``bn_momentum`` is every BatchNorm's (0.01 for QAT fine-tuning: the statistics frozen
+    at ``freeze_bn_epoch`` then average ~100 batches, not ~10)."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, bn_momentum: float = 0.1
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"ResNetCifar depth={depth} must be 6n+2 (20, 32, 44, 56, 110)")
         n = (depth - 2) // 6
         self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        self.bn = nn.BatchNorm2d(16, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
         layers, in_ch = [], 16
         for out_ch, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(n):
-                layers.append(BasicBlock(in_ch, out_ch, stride if i == 0 else 1))
+                layers.append(BasicBlock(in_ch, out_ch, stride if i == 0 else 1, bn_momentum))
                 in_ch = out_ch
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -54,5 +59,5 @@ class ResNetCifar(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNetCifar:
-    return ResNetCifar(20, num_classes, in_channels)
+def resnet20(num_classes: int = 10, in_channels: int = 3, bn_momentum: float = 0.1) -> ResNetCifar:
+    return ResNetCifar(20, num_classes, in_channels, bn_momentum)
