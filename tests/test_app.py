@@ -66,6 +66,8 @@ def test_every_recipe_composes_and_instantiates_without_training(composed, recip
     cfg = composed(f"recipe={recipe}", "init_checkpoint=unused.ckpt")
     job = {k: v for k, v in cfg.items() if k != "hydra"}
     OmegaConf.to_container(OmegaConf.create(job), resolve=True)  # every interpolation resolves
+    # a bare `deploy:` in a recipe nulls the group and the run silently skips both exports
+    assert cfg.deploy.integer and cfg.deploy.onnx, cfg.deploy
     model = instantiate(cfg.model)
     module = build_module(cfg)
     model = module.model
