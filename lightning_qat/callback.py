@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -30,14 +31,44 @@ from lightning_qat.quant import QuantConfig, sqnr_db
 PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
 
 
-def _check_epoch(name: str, value: int | None, allow_none: bool) -> None:
+def _check_count(name: str, value: int | None, allow_none: bool, unit: str = "an epoch") -> None:
+    """Refuse what is not a whole number >= 0 (``unit`` says what it counts)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         never = " or None (never)" if allow_none else ""
         raise ValueError(
-            f"QuantizationAwareTraining({name}={value!r}): use an epoch number >= 0{never}"
+            f"QuantizationAwareTraining({name}={value!r}): use {unit} number >= 0{never}"
         )
+
+
+def _quant_config(config: object) -> QuantConfig:
+    """A `QuantConfig` from what the callback was given: one, a mapping of its fields (a
+    dict, Hydra's DictConfig) or None (the defaults). Anything else is refused here rather
+    than as an AttributeError when ``fit`` converts the model."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        fields = {f.name for f in dataclasses.fields(QuantConfig)}
+        unknown = sorted(str(key) for key in config if key not in fields)
+        if unknown:
+            raise TypeError(
+                f"QuantizationAwareTraining(config=...): unknown QuantConfig field(s) "
+                f"{', '.join(unknown)}; the fields are {', '.join(sorted(fields))}"
+            )
+        return QuantConfig(**{str(key): value for key, value in config.items()})
+    raise TypeError(
+        f"QuantizationAwareTraining(config={config!r}): pass a lightning_qat.QuantConfig, a "
+        "mapping of its fields (e.g. {'weight_bits': 4}) or None for the defaults, not a "
+        f"{type(config).__name__}"
+    )
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"QuantizationAwareTraining({name}={value!r}): use True or False")
 
 
 class QuantizationAwareTraining(L.Callback):
@@ -105,13 +136,36 @@ class QuantizationAwareTraining(L.Callback):
         verbose: bool = True,
         freeze_weight_ranges: bool = False,
     ):
-        if isinstance(config, dict):
-            config = QuantConfig(**config)
-        self.config = config or QuantConfig()
-        _check_epoch("start_epoch", start_epoch, allow_none=False)
-        _check_epoch("freeze_bn_epoch", freeze_bn_epoch, allow_none=True)
-        _check_epoch("freeze_observer_epoch", freeze_observer_epoch, allow_none=True)
-        _check_epoch("calibration_batches", calibration_batches, allow_none=False)
+        self.config = _quant_config(config)
+        _check_count("start_epoch", start_epoch, allow_none=False)
+        _check_count("freeze_bn_epoch", freeze_bn_epoch, allow_none=True)
+        _check_count("freeze_observer_epoch", freeze_observer_epoch, allow_none=True)
+        _check_count("calibration_batches", calibration_batches, False, unit="a batch")
+        if not callable(calibration_input):
+            raise TypeError(
+                f"QuantizationAwareTraining(calibration_input={calibration_input!r}): pass a "
+                "function from a training batch to the model's input"
+            )
+        if fuse_pairs is not None and (
+            isinstance(fuse_pairs, str)
+            or not all(
+                isinstance(pair, Sequence)
+                and not isinstance(pair, str)
+                and len(pair) == 2
+                and all(isinstance(name, str) for name in pair)
+                for pair in fuse_pairs
+            )
+        ):
+            raise TypeError(
+                f"QuantizationAwareTraining(fuse_pairs={fuse_pairs!r}): pass (conv, bn) pairs "
+                "of module names, e.g. [('features.0', 'features.1')], or None to find them"
+            )
+        for flag, value in (
+            ("log_layer_stats", log_layer_stats),
+            ("verbose", verbose),
+            ("freeze_weight_ranges", freeze_weight_ranges),
+        ):
+            _check_flag(flag, value)
         schedule = [
             (n, e)
             for n, e in (

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
+from omegaconf import OmegaConf
 from torch import nn
 
 from lightning_qat import (
@@ -124,6 +125,39 @@ def test_validation_and_test_never_update_observers_or_bn(tmp_path):
 )
 def test_bad_schedules_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(QuantConfig(), **kwargs)
+
+
+@pytest.mark.parametrize("config", [["abc"], "fbgemm", 1.2, 0, ("weight_bits", 4)])
+def test_a_config_that_is_not_a_quant_config_is_refused_at_construction(config):
+    # these constructed before, then fit crashed ('list' object has no attribute 'bn_fold')
+    # or, for 0, silently used the defaults
+    with pytest.raises(TypeError, match=r"pass a lightning_qat\.QuantConfig, a mapping"):
+        QuantizationAwareTraining(config)
+
+
+def test_a_mapping_with_an_unknown_field_names_the_fields():
+    with pytest.raises(TypeError, match=r"unknown QuantConfig field.*wieght_bits.*weight_bits"):
+        QuantizationAwareTraining({"wieght_bits": 4})
+    # Hydra's DictConfig is a mapping too
+    config = OmegaConf.create({"weight_bits": 4, "symmetric": False})
+    assert QuantizationAwareTraining(config).config == QuantConfig(weight_bits=4, symmetric=False)
+    assert QuantizationAwareTraining(None).config == QuantConfig()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(calibration_batches=1.5), r"calibration_batches=1.5\): use a batch number"),
+        (dict(calibration_input="x"), r"calibration_input='x'.*function"),
+        (dict(fuse_pairs=["conv", "bn"]), r"fuse_pairs=.*\(conv, bn\) pairs"),
+        (dict(fuse_pairs="conv,bn"), r"fuse_pairs=.*\(conv, bn\) pairs"),
+        (dict(verbose="yes"), r"verbose='yes'.*True or False"),
+        (dict(log_layer_stats=1), r"log_layer_stats=1.*True or False"),
+    ],
+)
+def test_other_bad_arguments_are_refused_with_what_to_pass(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
         QuantizationAwareTraining(QuantConfig(), **kwargs)
 
 
