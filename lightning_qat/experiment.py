@@ -100,6 +100,30 @@ def build_module(cfg: DictConfig) -> ImageClassifier:
     )
 
 
+def check_experiment(cfg: DictConfig) -> None:
+    """Refuse, before any data is read, configs whose results would be mislabelled: a
+    QAT variant whose conversion epoch is never reached (it would train FP32 only, and
+    the row would still be called by its variant), and PTQ without a trained float
+    checkpoint (it would calibrate a random model)."""
+    ptq = cfg.get("ptq")
+    if ptq is not None and cfg.quant is None:
+        raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
+    if ptq is not None and not cfg.get("init_checkpoint"):
+        raise ValueError(
+            "ptq calibrates a trained float model: set init_checkpoint=<a float checkpoint> "
+            "(without it the random initial weights would be quantized)"
+        )
+    max_epochs = cfg.trainer.get("max_epochs")
+    bounded = max_epochs is not None and max_epochs >= 0  # None, -1: Lightning's own limits
+    if cfg.quant is not None and ptq is None and bounded and cfg.qat.start_epoch >= max_epochs:
+        raise ValueError(
+            f"qat.start_epoch={cfg.qat.start_epoch} is not before "
+            f"trainer.max_epochs={max_epochs}: the run would train in float only and "
+            "be reported as a quantized variant; lower qat.start_epoch, raise "
+            "trainer.max_epochs, or use quant=none for a float run"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the experiment of ``cfg``; returns (and writes) its results."""
     start = time.perf_counter()
@@ -108,6 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     variant = hydra_cfg.runtime.choices.get("quant", "none")
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if multirun else None
+    check_experiment(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -122,8 +147,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fp32_bytes = model_size_bytes(module.model)
 
     ptq = cfg.get("ptq")
-    if ptq is not None and cfg.quant is None:
-        raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if cfg.quant is not None and ptq is None:
         # positional: instantiate() itself has a parameter named config

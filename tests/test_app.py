@@ -263,6 +263,7 @@ def test_optuna_sweep_runs_trials(tmp_path):
         "sweep=optuna",
         "hydra.sweeper.n_trials=2",
         "trainer.max_epochs=1",
+        "qat.start_epoch=0",
         "hydra.sweep.dir=optuna",
         *FAST,
         cwd=tmp_path,
@@ -277,6 +278,7 @@ def test_csv_tensorboard_and_offline_wandb_at_once(tmp_path):
     result = train(
         "logger=all",
         "trainer.max_epochs=1",
+        "qat.start_epoch=0",
         "hydra.run.dir=run",
         *FAST,
         cwd=tmp_path,
@@ -297,6 +299,7 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
         "launcher=local_parallel",
         "quant=sym_fold,asym_fold",
         "trainer.max_epochs=1",
+        "qat.start_epoch=0",
         "hydra.sweep.dir=parallel",
         *FAST,
         cwd=tmp_path,
@@ -304,6 +307,22 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib" in result.stdout + result.stderr
     assert len(list((tmp_path / "parallel").rglob("results.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # the default recipe converts at epoch 6: 2 epochs would train float, labelled sym_fold
+        (["trainer.max_epochs=2"], "qat.start_epoch=6 is not before trainer.max_epochs=2"),
+        (["+ptq.method=kl"], "ptq calibrates a trained float model: set init_checkpoint"),
+    ],
+    ids=["conversion-never-reached", "ptq-without-checkpoint"],
+)
+def test_mislabelled_runs_are_refused_before_training(overrides, message, tmp_path):
+    result = train(*overrides, "hydra.run.dir=run", *FAST, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
