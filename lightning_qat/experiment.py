@@ -101,10 +101,11 @@ def build_module(cfg: DictConfig) -> ImageClassifier:
 
 
 def check_experiment(cfg: DictConfig) -> None:
-    """Refuse, before any data is read, configs whose results would be mislabelled: a
-    QAT variant whose conversion epoch is never reached (it would train FP32 only, and
-    the row would still be called by its variant), and PTQ without a trained float
-    checkpoint (it would calibrate a random model)."""
+    """Refuse, before any data is read, configs whose results would be mislabelled or
+    that would crash after training: a QAT variant whose conversion epoch is never reached
+    (it would train FP32 only, and the row would still be called by its variant), PTQ
+    without a trained float checkpoint (it would calibrate a random model), and a QAT run
+    in true half precision."""
     ptq = cfg.get("ptq")
     if ptq is not None and cfg.quant is None:
         raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
@@ -112,6 +113,14 @@ def check_experiment(cfg: DictConfig) -> None:
         raise ValueError(
             "ptq calibrates a trained float model: set init_checkpoint=<a float checkpoint> "
             "(without it the random initial weights would be quantized)"
+        )
+    precision = str(cfg.trainer.get("precision") or "32-true")
+    if cfg.quant is not None and precision in ("bf16-true", "bf16", "16-true", "16", "half"):
+        # the whole model in half precision: the quantizers' scales and codes would be
+        # bf16/fp16 too (8-bit codes are not exact there); autocast keeps them float32
+        raise ValueError(
+            f"trainer.precision={precision} casts the quantizers to half precision; QAT "
+            "needs them in float32: use trainer.precision=bf16-mixed (or 16-mixed)"
         )
     max_epochs = cfg.trainer.get("max_epochs")
     bounded = max_epochs is not None and max_epochs >= 0  # None, -1: Lightning's own limits

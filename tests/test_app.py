@@ -315,8 +315,10 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
         # the default recipe converts at epoch 6: 2 epochs would train float, labelled sym_fold
         (["trainer.max_epochs=2"], "qat.start_epoch=6 is not before trainer.max_epochs=2"),
         (["+ptq.method=kl"], "ptq calibrates a trained float model: set init_checkpoint"),
+        # trained to the end, then crashed in test (expected dtype BFloat16 for 'end')
+        (["trainer.precision=bf16-true"], "use trainer.precision=bf16-mixed"),
     ],
-    ids=["conversion-never-reached", "ptq-without-checkpoint"],
+    ids=["conversion-never-reached", "ptq-without-checkpoint", "bf16-true"],
 )
 def test_mislabelled_runs_are_refused_before_training(overrides, message, tmp_path):
     result = train(*overrides, "hydra.run.dir=run", *FAST, cwd=tmp_path)
