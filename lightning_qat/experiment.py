@@ -133,6 +133,45 @@ def check_experiment(cfg: DictConfig) -> None:
         )
 
 
+QUANTIZER_KEY_PARTS = (
+    ".activation_quantizer.",
+    ".weight_quantizer.",
+    ".output_quantizer.",
+    ".input_quantizer.",
+)
+
+
+def read_checkpoint(path: str, option: str) -> dict[str, Any]:
+    """Load the Lightning checkpoint that the ``option`` key (``init_checkpoint``,
+    ``resume``) names, or say what is wrong with it before any training: missing,
+    unreadable (truncated, not a torch file), or not a Lightning checkpoint."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}={path}: no such file")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many kinds for a bad file
+        raise ValueError(
+            f"{option}={path} is not a readable checkpoint (truncated by a crash, or not "
+            f"written by torch.save): {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{option}={path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def load_float_weights(module: ImageClassifier, path: str) -> None:
+    """``init_checkpoint``: a float (FP32) model's weights, before any conversion."""
+    state = read_checkpoint(path, "init_checkpoint")["state_dict"]
+    if any(part in key for key in state for part in QUANTIZER_KEY_PARTS):
+        raise ValueError(
+            f"init_checkpoint={path} is a QAT checkpoint (it holds quantizer state): "
+            "init_checkpoint starts from float weights; continue that run with "
+            "resume=<it>, or start from the float checkpoint it was trained from"
+        )
+    module.load_state_dict(state)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the experiment of ``cfg``; returns (and writes) its results."""
     start = time.perf_counter()
@@ -142,6 +181,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if multirun else None
     check_experiment(cfg)
+    if cfg.get("resume"):
+        read_checkpoint(cfg.resume, "resume")  # a clear error now, not after set-up
     L.seed_everything(cfg.seed, workers=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -149,8 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     if cfg.init_checkpoint:
-        state = torch.load(cfg.init_checkpoint, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["state_dict"])
+        load_float_weights(module, cfg.init_checkpoint)
     example = torch.zeros(1, datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     macs = count_macs(module.model, example)
     fp32_bytes = model_size_bytes(module.model)

@@ -327,6 +327,29 @@ def test_mislabelled_runs_are_refused_before_training(overrides, message, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_bad_checkpoints_are_named_before_training(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"model.fc.weight": torch.zeros(10, 4)}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    qat = tmp_path / "qat.ckpt"
+    torch.save({"state_dict": {"model.conv1.weight_quantizer.scale": torch.ones(1)}}, qat)
+    cases = [
+        (f"resume={tmp_path / 'missing.ckpt'}", "resume=", "no such file"),
+        (f"resume={truncated}", "resume=", "is not a readable checkpoint (truncated"),
+        (f"init_checkpoint={garbage}", "init_checkpoint=", "is not a readable checkpoint"),
+        (f"init_checkpoint={qat}", "init_checkpoint=", "is a QAT checkpoint"),
+    ]
+    for index, (override, option, message) in enumerate(cases):
+        run = f"run{index}"
+        result = train(override, f"hydra.run.dir={run}", *FAST, cwd=tmp_path)
+        assert result.returncode != 0, override
+        assert option in result.stderr and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / run / "checkpoints").exists()
+
+
 def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
     fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
     assert fp32.returncode == 0, fp32.stderr[-3000:]
