@@ -31,15 +31,15 @@ from lightning_qat.quant import QuantConfig, sqnr_db
 PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
 
 
-def _check_count(name: str, value: int | None, allow_none: bool, unit: str = "an epoch") -> None:
+def _check_count(
+    name: str, value: int | None, allow_none: bool, unit: str = "an epoch number"
+) -> None:
     """Refuse what is not a whole number >= 0 (``unit`` says what it counts)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         never = " or None (never)" if allow_none else ""
-        raise ValueError(
-            f"QuantizationAwareTraining({name}={value!r}): use {unit} number >= 0{never}"
-        )
+        raise ValueError(f"QuantizationAwareTraining({name}={value!r}): use {unit} >= 0{never}")
 
 
 def _quant_config(config: object) -> QuantConfig:
@@ -140,7 +140,7 @@ class QuantizationAwareTraining(L.Callback):
         _check_count("start_epoch", start_epoch, allow_none=False)
         _check_count("freeze_bn_epoch", freeze_bn_epoch, allow_none=True)
         _check_count("freeze_observer_epoch", freeze_observer_epoch, allow_none=True)
-        _check_count("calibration_batches", calibration_batches, False, unit="a batch")
+        _check_count("calibration_batches", calibration_batches, False, unit="a number of batches")
         if not callable(calibration_input):
             raise TypeError(
                 f"QuantizationAwareTraining(calibration_input={calibration_input!r}): pass a "
@@ -259,12 +259,12 @@ class QuantizationAwareTraining(L.Callback):
         keys are read. A float checkpoint (FP32 pre-training) loaded into a model already
         converted keeps the model's fresh quantizer state, so QAT can start from it.
         """
-        incoming_quantized = any(k.startswith(prefix) and _is_quantizer_key(k) for k in state_dict)
+        incoming_quantized = any(k.startswith(prefix) and is_quantizer_key(k) for k in state_dict)
         if incoming_quantized and not _is_converted(module):
             self._convert(module)
         elif not incoming_quantized and _is_converted(module):
             for key, value in module.state_dict(prefix=prefix).items():
-                if _is_quantizer_key(key) or key.endswith("._extra_state"):
+                if is_quantizer_key(key) or key.endswith("._extra_state"):
                     state_dict.setdefault(key, value)
 
     # ---------------------------------------------------------------- schedule
@@ -418,7 +418,8 @@ class QuantizationAwareTraining(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def _is_quantizer_key(key: str) -> bool:
+def is_quantizer_key(key: str) -> bool:
+    """Whether a state_dict key belongs to a quantizer (a converted model's extra state)."""
     parts = ("activation_quantizer", "weight_quantizer", "output_quantizer", "input_quantizer")
     return any(f".{part}." in key for part in parts)
 

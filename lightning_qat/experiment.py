@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_qat.calibrate import calibrate
+from lightning_qat.callback import is_quantizer_key
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
@@ -133,14 +134,6 @@ def check_experiment(cfg: DictConfig) -> None:
         )
 
 
-QUANTIZER_KEY_PARTS = (
-    ".activation_quantizer.",
-    ".weight_quantizer.",
-    ".output_quantizer.",
-    ".input_quantizer.",
-)
-
-
 def read_checkpoint(path: str, option: str) -> dict[str, Any]:
     """Load the Lightning checkpoint that the ``option`` key (``init_checkpoint``,
     ``resume``) names, or say what is wrong with it before any training: missing,
@@ -163,7 +156,7 @@ def read_checkpoint(path: str, option: str) -> dict[str, Any]:
 def load_float_weights(module: ImageClassifier, path: str) -> None:
     """``init_checkpoint``: a float (FP32) model's weights, before any conversion."""
     state = read_checkpoint(path, "init_checkpoint")["state_dict"]
-    if any(part in key for key in state for part in QUANTIZER_KEY_PARTS):
+    if any(is_quantizer_key(key) for key in state):
         raise ValueError(
             f"init_checkpoint={path} is a QAT checkpoint (it holds quantizer state): "
             "init_checkpoint starts from float weights; continue that run with "

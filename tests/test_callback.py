@@ -148,7 +148,7 @@ def test_a_mapping_with_an_unknown_field_names_the_fields():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(calibration_batches=1.5), r"calibration_batches=1.5\): use a batch number"),
+        (dict(calibration_batches=1.5), r"calibration_batches=1.5\): use a number of batches"),
         (dict(calibration_input="x"), r"calibration_input='x'.*function"),
         (dict(fuse_pairs=["conv", "bn"]), r"fuse_pairs=.*\(conv, bn\) pairs"),
         (dict(fuse_pairs="conv,bn"), r"fuse_pairs=.*\(conv, bn\) pairs"),

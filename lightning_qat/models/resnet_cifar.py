@@ -32,8 +32,7 @@ class BasicBlock(nn.Module):
 
 class ResNetCifar(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage.
-    ``bn_momentum`` is every BatchNorm's (0.01 for QAT fine-tuning: the statistics frozen
-    at ``freeze_bn_epoch`` then average ~100 batches, not ~10)."""
+    ``bn_momentum`` is every BatchNorm's, as for `NIN` (whose reference recipe uses 0.01)."""
 
     def __init__(
         self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, bn_momentum: float = 0.1
