@@ -7,6 +7,8 @@ from lightning_qat.calibrate import calibrate
 from lightning_qat.callback import QuantizationAwareTraining
 from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
 from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
+from lightning_qat.nonfinite import NonFiniteError
+from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
     activation_quantizers,
     find_conv_bn_pairs,
@@ -29,6 +31,8 @@ __all__ = [
     "FoldedBatchNorm2d",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "QuantConfig",
     "QuantConv2d",
     "QuantConvBn2d",

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_qat.calibrate import batch_input
 from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
+from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
     ConversionPlan,
     activation_quantizers,
@@ -121,6 +122,12 @@ class QuantizationAwareTraining(L.Callback):
         verbose: print the table of quantized layers at conversion (rank zero).
         freeze_weight_ranges: freeze the weight quantizers' ranges too at
             ``freeze_observer_epoch`` (torch.ao's ``disable_observer`` behaviour).
+        on_nonfinite: what a training step whose loss, gradients or BatchNorm statistics
+            hold NaN or Inf does, before the optimizer applies it (fake quantization maps
+            NaN to finite codes, so without this check such a run trains on with NaN
+            weights and a finite loss): ``"raise"`` stops with a `NonFiniteError` naming
+            the step and the first layer at fault, ``"skip"`` drops the step and logs
+            ``qat/skipped_steps``. See `NonFiniteGuard`.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class QuantizationAwareTraining(L.Callback):
         log_layer_stats: bool = True,
         verbose: bool = True,
         freeze_weight_ranges: bool = False,
+        on_nonfinite: str = "raise",
     ):
         self.config = _quant_config(config)
         _check_count("start_epoch", start_epoch, allow_none=False)
@@ -182,6 +190,11 @@ class QuantizationAwareTraining(L.Callback):
                     "schedule must satisfy start_epoch <= freeze_bn_epoch <= "
                     f"freeze_observer_epoch: set {name_b} to {a} or later"
                 )
+        try:
+            self.nonfinite_guard = NonFiniteGuard(on_nonfinite, calibration_input, "qat/")
+        except ValueError as error:
+            raise ValueError(f"QuantizationAwareTraining({error})") from None
+        self.on_nonfinite = on_nonfinite
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -209,6 +222,7 @@ class QuantizationAwareTraining(L.Callback):
             "freeze_bn_epoch": self.freeze_bn_epoch,
             "freeze_observer_epoch": self.freeze_observer_epoch,
             "phase": self.phase,
+            "nonfinite_guard": self.nonfinite_guard.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -219,6 +233,7 @@ class QuantizationAwareTraining(L.Callback):
                 "resume with the checkpoint's config (the model was quantized with it)"
             )
         self.phase = state_dict["phase"]
+        self.nonfinite_guard.load_state_dict(state_dict.get("nonfinite_guard", {}))
 
     # ---------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -307,6 +322,17 @@ class QuantizationAwareTraining(L.Callback):
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                     module.eval()
+        self.nonfinite_guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self.nonfinite_guard.on_before_backward(trainer, pl_module, loss)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.nonfinite_guard.on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
         self,
@@ -322,6 +348,7 @@ class QuantizationAwareTraining(L.Callback):
                 quantizer.clipping_counts = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.nonfinite_guard.on_train_epoch_end(trainer, pl_module)
         if not (self.log_layer_stats and _is_converted(pl_module)):
             return
         metrics: dict[str, float] = {}

@@ -22,6 +22,7 @@ from lightning_qat.callback import is_quantizer_key
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.module import ImageClassifier
+from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import prepare_qat, quantizers
 from lightning_qat.quant import QuantConfig
 
@@ -192,7 +193,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if cfg.quant is not None and ptq is None:
         # positional: instantiate() itself has a parameter named config
-        callbacks.append(instantiate(cfg.qat, OmegaConf.to_container(cfg.quant)))
+        qat_config = OmegaConf.to_container(cfg.quant)
+        callbacks.append(instantiate(cfg.qat, qat_config, on_nonfinite=cfg.on_nonfinite))
+    elif ptq is None:  # FP32 training stops (or skips) on NaN exactly as QAT does
+        callbacks.append(NonFiniteGuard(cfg.on_nonfinite))
     if ptq is not None:
         variant = f"ptq_{ptq.method}/{variant}"
     trainer: L.Trainer = instantiate(
