@@ -9,8 +9,10 @@ import hydra
 from omegaconf import DictConfig
 
 from lightning_qat.experiment import register_recipes, run
+from lightning_qat.run_folder import register_resolvers
 
 register_recipes(Path(__file__).parent / "recipes")
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

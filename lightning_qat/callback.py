@@ -370,7 +370,9 @@ class QuantizationAwareTraining(L.Callback):
                 quantizer.enable_observer(False)  # measure with the scales in use
                 metrics[f"qat/{name}/weight_sqnr_db"] = sqnr_db(weight, quantizer(weight))
                 quantizer.enable_observer(was_observing)
-        self._log(trainer, metrics)
+        # at the epoch's last step, as Lightning logs epoch-end metrics: a run resumed from
+        # this epoch's checkpoint logs from the next step on, and nothing is doubled
+        self._log(trainer, metrics, step=max(trainer.global_step - 1, 0))
 
     # ---------------------------------------------------------------- work
     def _convert_for_training(self, module: nn.Module) -> None:
@@ -438,11 +440,12 @@ class QuantizationAwareTraining(L.Callback):
             )
         Console().print(table)
 
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
         if not trainer.is_global_zero or not metrics:
             return
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
+            logger.save()  # written now: a crash after this epoch keeps its statistics
 
 
 def is_quantizer_key(key: str) -> bool:

@@ -25,6 +25,7 @@ from lightning_qat.module import ImageClassifier
 from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import prepare_qat, quantizers
 from lightning_qat.quant import QuantConfig
+from lightning_qat.run_folder import resumed_run_dir, truncate_metrics
 
 
 def register_recipes(directory: str | Path) -> None:
@@ -175,11 +176,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if multirun else None
     check_experiment(cfg)
+    resumed_here = False
     if cfg.get("resume"):
-        read_checkpoint(cfg.resume, "resume")  # a clear error now, not after set-up
+        resumed = read_checkpoint(cfg.resume, "resume")  # a clear error now, not after set-up
+        run_of_checkpoint = resumed_run_dir(cfg.resume)
+        resumed_here = run_of_checkpoint is not None and (
+            run_of_checkpoint.resolve() == output_dir.resolve()
+        )
+        if resumed_here:  # the crashed run's rows after its checkpoint are logged again
+            truncate_metrics(output_dir / "csv" / "metrics.csv", resumed["global_step"])
     L.seed_everything(cfg.seed, workers=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    if resumed_here:  # the run's own config stays; the resumed one goes beside Hydra's
+        (output_dir / hydra_cfg.output_subdir / "config_resolved.yaml").write_text(resolved)
+    else:
+        (output_dir / "config_resolved.yaml").write_text(resolved)
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)

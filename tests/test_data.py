@@ -3,11 +3,13 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.io import write_png
 
 from lightning_qat.data import (
     CIFAR10Data,
     DigitsData,
+    EpochSampler,
     ImageFolderData,
     TensorImageDataset,
     balanced_subset,
@@ -150,3 +152,29 @@ def test_macs_and_sizes():
     int_size = model_size_bytes(model, quantized=True)
     # int8 weights, int32 biases, a float scale and int zero point per output channel
     assert int_size == (8 * 27 + 10 * 128) + 4 * (8 + 10) + 8 * (8 + 10)
+
+
+def test_an_epochs_batches_depend_on_seed_and_epoch_only():
+    """The same batches with or without (persistent) workers, in any process: what makes
+    a resumed run exact. Epochs and seeds differ from each other."""
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    dataset = TensorImageDataset(
+        images, torch.arange(40) % 10, (0.5,) * 3, (0.5,) * 3, crop_padding=2, flip=True, seed=3
+    )
+
+    def epoch_batches(epoch: int, workers: int, seed: int = 3) -> list[torch.Tensor]:
+        dataset.seed = seed
+        sampler = EpochSampler(dataset, seed=seed)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=8, sampler=sampler, num_workers=workers)
+        torch.manual_seed(epoch + 100)  # the global RNG plays no part
+        return [torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader]
+
+    reference = epoch_batches(1, workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(reference, epoch_batches(1, 2), strict=True))
+    assert not torch.equal(torch.cat(reference), torch.cat(epoch_batches(2, 0)))
+    assert not torch.equal(torch.cat(reference), torch.cat(epoch_batches(1, 0, seed=4)))
+    # every image once per epoch, and crops/flips actually vary
+    labels = torch.cat(reference)[:, -1]
+    assert sorted(labels.tolist()) == sorted((torch.arange(40) % 10).float().tolist())
+    assert len({dataset[(0, epoch)][0].sum().item() for epoch in range(8)}) > 1

@@ -2,6 +2,7 @@
 
 from lightning_qat.data.base import ImageClassificationData
 from lightning_qat.data.digits import DigitsData
+from lightning_qat.data.epoch_sampler import EpochSampler
 from lightning_qat.data.image_folder import ImageFolderData
 from lightning_qat.data.tensor_images import TensorImageDataset, balanced_subset
 from lightning_qat.data.torchvision_sets import CIFAR10Data, MNISTData
@@ -9,6 +10,7 @@ from lightning_qat.data.torchvision_sets import CIFAR10Data, MNISTData
 __all__ = [
     "CIFAR10Data",
     "DigitsData",
+    "EpochSampler",
     "ImageClassificationData",
     "ImageFolderData",
     "MNISTData",

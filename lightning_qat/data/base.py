@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_qat.data.epoch_sampler import EpochSampler
 from lightning_qat.data.tensor_images import TensorImageDataset, balanced_subset
 
 
@@ -23,6 +24,9 @@ class ImageClassificationData(L.LightningDataModule):
         val_size: hold out this many training images (class-balanced) for validation;
             0 validates on the test set, as the reference implementation does.
         augment: random crop and flip on training images, where the data set has them.
+        seed: the training order and augmentation of epoch ``e`` are drawn from
+            ``seed`` and ``e`` alone (`EpochSampler`), so a resumed run sees the very
+            batches of the uninterrupted run.
     """
 
     name = "images"
@@ -42,6 +46,7 @@ class ImageClassificationData(L.LightningDataModule):
         subset_seed: int = 0,
         val_size: int = 0,
         augment: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -52,6 +57,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.subset_seed = subset_seed
         self.val_size = val_size
         self.augment = augment
+        self.seed = seed
         self.train_set = self.val_set = self.test_set = None
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +73,7 @@ class ImageClassificationData(L.LightningDataModule):
             self.std,
             crop_padding=self.crop_padding if augment else 0,
             flip=self.flip and augment,
+            seed=self.seed,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -92,7 +99,7 @@ class ImageClassificationData(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -15,6 +15,10 @@ class TensorImageDataset(Dataset):
     ``crop_padding`` and a random horizontal flip (He et al. 2016, section 4.2). Images
     stay uint8 in memory (50k CIFAR images are 150 MB), so loading never waits on JPEG
     decoding.
+
+    Indexed by an ``(index, epoch)`` key (what `EpochSampler` yields), the crop and flip
+    are a hash of ``seed``, the epoch and the index: the same in every process, worker and
+    resumed run. Indexed by a plain int they come from torch's global RNG.
     """
 
     def __init__(
@@ -25,6 +29,7 @@ class TensorImageDataset(Dataset):
         std: Sequence[float],
         crop_padding: int = 0,
         flip: bool = False,
+        seed: int = 0,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -38,22 +43,42 @@ class TensorImageDataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         self.crop_padding = crop_padding
         self.flip = flip
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         image = self.images[index]
-        if self.crop_padding:
-            p = self.crop_padding
+        p = self.crop_padding
+        if epoch is None:
+            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist() if p else (0, 0)
+            flip = self.flip and bool(torch.rand(()) < 0.5)
+        else:
+            draw = _mix(self.seed, epoch, index)
+            top, left = draw % (2 * p + 1), (draw >> 16) % (2 * p + 1)
+            flip = self.flip and bool(draw >> 32 & 1)
+        if p:
             _, h, w = image.shape
             padded = torch.nn.functional.pad(image, (p, p, p, p))
-            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
             image = padded[:, top : top + h, left : left + w]
-        if self.flip and torch.rand(()) < 0.5:
+        if flip:
             image = image.flip(-1)
         x = (image.float() / 255.0 - self.mean) / self.std
         return x, self.labels[index]
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit hash of the integers: SplitMix64's finaliser (Steele et al. 2014) applied
+    to each in turn; uniform enough to draw a crop offset and a flip from."""
+    mask = (1 << 64) - 1
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & mask)) * 0xBF58476D1CE4E5B9 & mask
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & mask
+        state ^= state >> 31
+    return state
 
 
 def balanced_subset(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
