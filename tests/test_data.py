@@ -1,10 +1,12 @@
 """Data modules, the uint8 image cache, subsets, augmentation, models and model cost."""
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.io import write_png
+from torchvision.io import encode_jpeg, write_png
 
 from lightning_qat.data import (
     CIFAR10Data,
@@ -13,6 +15,7 @@ from lightning_qat.data import (
     ImageFolderData,
     TensorImageDataset,
     balanced_subset,
+    image_folder,
 )
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.models import NIN, ResNetCifar, mobilenet_v2_cifar, resnet20
@@ -70,7 +73,7 @@ def make_folder(root, n_per_class=3, classes=("cat", "dog")):
                 write_png(image, str(root / split / name / f"{i}.png"))
 
 
-def test_image_folder_decodes_once_into_a_cache(tmp_path):
+def test_image_folder_decodes_once_into_a_cache(tmp_path, monkeypatch):
     make_folder(tmp_path / "set")
     dm = ImageFolderData(
         str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"), batch_size=4, augment=False
@@ -81,11 +84,47 @@ def test_image_folder_decodes_once_into_a_cache(tmp_path):
     assert dm.train_set.images[4, 0, 0, 0] == 41
     caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(caches) == 2 and all(c.endswith(".pt") for c in caches)
-    for png in (tmp_path / "set").rglob("*.png"):
-        png.unlink()  # the second load reads the cache only
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(image_folder, "decode_image", no_decoding)
     again = ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"))
-    again.setup()
+    again.setup()  # the folder is unchanged: the second load reads the cache only
     assert torch.equal(again.train_set.images, dm.train_set.images)
+
+
+def test_an_edited_folder_is_decoded_again(tmp_path):
+    """main keyed the cache on the path: a deleted class was still counted."""
+    make_folder(tmp_path / "set", classes=("cat", "dog", "eel"))
+    first = ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"))
+    first.setup()
+    assert len(first.train_set) == 9
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / "set" / split / "eel")
+    (tmp_path / "set" / "train" / "dog" / "0.png").unlink()
+    edited = ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache"))
+    edited.setup()
+    assert edited.train_set.labels.tolist() == [0, 0, 0, 1, 1]
+    assert len(edited.test_set) == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the stale caches are gone
+
+
+def test_a_test_split_with_other_classes_is_refused(tmp_path):
+    """Each split numbering its own folders shifted every later test label silently."""
+    make_folder(tmp_path / "set", classes=("cat", "dog", "eel"))
+    shutil.rmtree(tmp_path / "set" / "test" / "dog")
+    with pytest.raises(ValueError, match=r"only in train/: \['dog'\]; only in test/: none"):
+        ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache")).setup()
+
+
+def test_a_truncated_jpeg_is_named(tmp_path):
+    make_folder(tmp_path / "set")
+    bad = tmp_path / "set" / "train" / "dog" / "broken.jpg"
+    data = encode_jpeg(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)).numpy().tobytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"broken\.jpg: cannot decode the image"):
+        ImageFolderData(str(tmp_path / "set"), cache_dir=str(tmp_path / "cache")).setup()
 
 
 def test_image_folder_missing_split_says_what_layout_is_expected(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 from rich.progress import Progress
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from lightning_qat.data.base import ImageClassificationData
@@ -21,7 +22,8 @@ class ImageFolderData(ImageClassificationData):
 
     Args:
         root: directory holding ``train/`` and ``test/`` class folders.
-        cache_dir: where the decoded tensors are kept (keyed by the absolute root path).
+        cache_dir: where the decoded tensors are kept (keyed by the file list: names,
+            sizes and modification times).
         crop_padding, flip: training augmentation.
     """
 
@@ -48,31 +50,67 @@ class ImageFolderData(ImageClassificationData):
         self.crop_padding = crop_padding
         self.flip = flip
 
-    def _cache_path(self, split: str) -> Path:
-        key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
-        return self.cache_dir / f"imagefolder-{key}-{split}.pt"
+    def classes(self) -> list[str]:
+        """The class names, one list for both splits: the sorted folder names of
+        ``train/`` (ImageFolder's order). A ``test/`` with other classes is refused: each
+        split numbering its own folders would shift every later label silently."""
+        lists = {}
+        for split in ("train", "test"):
+            directory = self.root / split
+            if not directory.is_dir():
+                raise FileNotFoundError(
+                    f"{directory} does not exist: data.root must hold train/ and test/ "
+                    "folders of class sub-folders (torchvision ImageFolder layout)"
+                )
+            lists[split] = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        train, test = lists["train"], lists["test"]
+        if train != test:
+            only_train = sorted(set(train) - set(test))
+            only_test = sorted(set(test) - set(train))
+            raise ValueError(
+                f"{self.root}: train/ and test/ hold different classes (only in train/: "
+                f"{only_train or 'none'}; only in test/: {only_test or 'none'}); both "
+                "splits must have the same class folders, or their labels would not match"
+            )
+        return train
+
+    def _samples(self, split: str, classes: list[str]) -> list[tuple[str, int]]:
+        return make_dataset(
+            str(self.root / split), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS
+        )
+
+    def _cache_path(self, split: str, classes: list[str], samples: list[tuple[str, int]]) -> Path:
+        """Keyed on what the decoded tensor depends on: the file list (names, sizes and
+        modification times), the classes and the decoding settings. An edit to the
+        folder (a file added, deleted or rewritten, a class removed) is a new key."""
+        digest = hashlib.sha1()
+        digest.update(repr((classes, self.in_channels, self.image_size)).encode())
+        for path, label in samples:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        root = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        return self.cache_dir / f"imagefolder-{root}-{split}-{digest.hexdigest()[:16]}.pt"
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        directory = self.root / split
-        if not directory.is_dir():
-            raise FileNotFoundError(
-                f"{directory} does not exist: data.root must hold train/ and test/ folders "
-                "of class sub-folders (torchvision ImageFolder layout)"
-            )
-        cache = self._cache_path(split)
+        classes = self.classes()
+        samples = self._samples(split, classes)
+        cache = self._cache_path(split, classes, samples)
         if cache.exists():
             saved = torch.load(cache)
             return saved["images"], saved["labels"]
-        folder = torchvision.datasets.ImageFolder(directory)
         mode = ImageReadMode.GRAY if self.in_channels == 1 else ImageReadMode.RGB
         images = torch.empty(
-            (len(folder.samples), self.in_channels, self.image_size, self.image_size),
+            (len(samples), self.in_channels, self.image_size, self.image_size),
             dtype=torch.uint8,
         )
+        directory = self.root / split
         with Progress(transient=True) as progress:
-            task = progress.add_task(f"decoding {directory}", total=len(folder.samples))
-            for i, (path, _) in enumerate(folder.samples):
-                image = decode_image(torchvision.io.read_file(path), mode=mode)
+            task = progress.add_task(f"decoding {directory}", total=len(samples))
+            for i, (path, _) in enumerate(samples):
+                try:
+                    image = decode_image(torchvision.io.read_file(path), mode=mode)
+                except RuntimeError as error:  # torchvision names no file
+                    raise ValueError(f"{path}: cannot decode the image ({error})") from error
                 if image.shape[-2:] != (self.image_size, self.image_size):
                     raise ValueError(
                         f"{path} is {tuple(image.shape[-2:])}, expected "
@@ -80,9 +118,14 @@ class ImageFolderData(ImageClassificationData):
                     )
                 images[i] = image
                 progress.advance(task)
-        labels = torch.tensor(folder.targets)
+        labels = torch.tensor([label for _, label in samples], dtype=torch.long)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"images": images, "labels": labels, "classes": folder.classes}, tmp)
-        tmp.replace(cache)  # atomic: a crash never leaves a half-written cache
+        # a temporary file of this process's own, renamed: a crash never leaves a
+        # half-written cache, and two first runs never write into one file
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        torch.save({"images": images, "labels": labels, "classes": classes}, tmp)
+        tmp.replace(cache)
+        for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.pt"):
+            if stale != cache:  # the caches of the folder before its edit
+                stale.unlink(missing_ok=True)
         return images, labels
