@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,19 @@ def _set_fake_quant(module: torch.nn.Module, enabled: bool) -> list[bool]:
 
 @torch.no_grad()
 def _deployment_results(
-    module: ImageClassifier, datamodule, deploy: DictConfig, example: torch.Tensor, out_dir: Path
-) -> dict[str, Any]:
+    module: ImageClassifier,
+    datamodule,
+    deploy: DictConfig,
+    example: torch.Tensor,
+    out_dir: Path,
+    results: dict[str, Any],
+) -> None:
     """Accuracy of the deployed models and their top-1 agreement with the fake-quant model:
     the integer-only reference (``deploy.integer``; on the first
     ``deploy.integer_test_batches`` test batches if set, else all) and the ONNX int8 export
     in onnxruntime (``deploy.onnx``; written to ``model.int8.onnx`` in the run directory).
-    A model the deployment cannot express gets ``integer_error``/``onnx_error`` instead."""
-    results: dict[str, Any] = {}
+    A model the deployment cannot express gets ``integer_error``/``onnx_error`` instead.
+    Written into ``results`` as measured, so a later failure keeps what came before."""
     model = module.model.eval()
     if deploy.integer:
         try:
@@ -90,7 +96,6 @@ def _deployment_results(
             results["onnx_bytes"] = path.stat().st_size
             loader = datamodule.test_dataloader()
             results.update(evaluate_deployment(OnnxRuntimeModel(path), module, loader, "onnx"))
-    return results
 
 
 def build_module(cfg: DictConfig) -> ImageClassifier:
@@ -251,15 +256,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             quantizer.enable_fake_quant(enabled)
         results["size_int_bytes"] = model_size_bytes(module.model, quantized=True)
         if cfg.get("deploy") and trainer.is_global_zero:  # one rank writes the exports
-            results.update(_deployment_results(module, datamodule, cfg.deploy, example, output_dir))
+            for _, quantizer in quantizers(module):
+                # rank zero alone runs the fake-quant model from here: an all-reduce of
+                # its weight ranges would wait for ranks that have left
+                quantizer.observer.sync = False
+            try:
+                _deployment_results(module, datamodule, cfg.deploy, example, output_dir, results)
+            except Exception as error:
+                # a failed export after hours of training keeps what was measured
+                results["deploy_error"] = f"{type(error).__name__}: {error}"
+                _write_results(results, start, output_dir)
+                raise
     else:
         results["float_test_acc"] = tested["test_acc"]
-    results["wall_time_s"] = round(time.perf_counter() - start, 1)
-    results["output_dir"] = str(output_dir)
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        _write_results(results, start, output_dir)
         _print_summary(results)
     return results
+
+
+def _write_results(results: dict[str, Any], start: float, output_dir: Path) -> None:
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    results["output_dir"] = str(output_dir)
+    tmp = output_dir / f".results.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(output_dir / "results.json")  # never a half-written file
 
 
 def _print_summary(results: dict[str, Any]) -> None:

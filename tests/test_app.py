@@ -473,3 +473,40 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
         results = json.loads((tmp_path / "runs" / run / "results.json").read_text())
         assert results["output_dir"] == str(tmp_path / "runs" / run)
         assert len(list((tmp_path / "runs" / run / "checkpoints").glob("latest-*"))) == 1
+
+
+def test_a_two_process_ddp_run_ends_with_one_results_file_and_one_model(tmp_path):
+    """``trainer.strategy=ddp`` (a key of the trainer config now, no ``+``) on 2 CPU
+    processes: main crashed in the deployment step (rank zero's fake-quant model reached
+    its observers' all-reduce after the other rank had left), and wrote no results."""
+    result = train(
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "qat.start_epoch=0",
+        "hydra.run.dir=run",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("results.json")] == [
+        Path("run/results.json")
+    ]
+    assert [p.name for p in tmp_path.rglob("*.onnx")] == ["model.int8.onnx"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_images"] == results["onnx_test_images"] == 360
+    assert results["onnx_agreement"] >= 0.99 and results["integer_agreement"] >= 0.99
+    assert results["fake_quant_test_acc"] > 0.5
+
+
+def test_a_failed_export_keeps_the_results_measured_before_it(tmp_path):
+    (tmp_path / "run" / "model.int8.onnx").mkdir(parents=True)  # the export cannot write
+    result = train(
+        "trainer.max_epochs=1", "qat.start_epoch=0", "hydra.run.dir=run", *FAST, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["deploy_error"].startswith("IsADirectoryError"), results
+    assert results["fake_quant_test_acc"] > 0.5 and "integer_test_acc" in results
+    assert list((tmp_path / "run" / "checkpoints").glob("latest-*.ckpt"))
