@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -209,6 +210,7 @@ class QuantizationAwareTraining(L.Callback):
         self._hook_handle: Any = None
         self._clipping: dict[str, dict[str, int]] = {}
         self._calibration_pending = False
+        self._trainer: L.Trainer | None = None
 
     # ---------------------------------------------------------------- state
     @property
@@ -237,6 +239,7 @@ class QuantizationAwareTraining(L.Callback):
 
     # ---------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # for the load hook: its pruning callbacks (see _convert)
         if not _is_converted(pl_module):
             # Fails now, with the reason, rather than epochs into training.
             self._plan = plan_qat(pl_module, self.config, fuse_pairs=self.fuse_pairs)
@@ -263,6 +266,7 @@ class QuantizationAwareTraining(L.Callback):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        self._trainer = None
 
     def _convert_before_loading(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
@@ -384,8 +388,16 @@ class QuantizationAwareTraining(L.Callback):
     def _convert(self, module: nn.Module) -> None:
         # The plan made at set-up: the model is not traced (and warned about) twice.
         plan = self._plan or plan_qat(module, self.config, fuse_pairs=self.fuse_pairs)
+        before = dict(module.named_modules())
         apply_plan(module, self.config, plan)
         self.phase = "qat"
+        replaced = {
+            id(old): new
+            for name, new in module.named_modules()
+            if (old := before.get(name)) is not None and old is not new
+        }
+        if self._trainer is not None:
+            _retarget_pruning(self._trainer, replaced)
 
     def _configure_distributed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         distributed = trainer.world_size > 1
@@ -446,6 +458,20 @@ class QuantizationAwareTraining(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
             logger.save()  # written now: a crash after this epoch keeps its statistics
+
+
+def _retarget_pruning(trainer: L.Trainer, replaced: dict[int, nn.Module]) -> None:
+    """Point Lightning's `ModelPruning` callbacks at the quantized layers that replaced the
+    float modules they collected in their ``setup``: they would go on pruning the orphaned
+    float modules, and the trained model would stay dense (the failure Lightning cited
+    when it removed its QAT callback). The quantized layers adopted the masks already
+    applied (`lightning_qat.nn.pruning`)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelPruning) and callback._parameters_to_prune:
+            callback._parameters_to_prune = [
+                (replaced.get(id(module), module), name)
+                for module, name in callback._parameters_to_prune
+            ]
 
 
 def is_quantizer_key(key: str) -> bool:

@@ -38,6 +38,7 @@ from lightning_qat.graph import Kind, Op, PoolSpec, classify, trace
 from lightning_qat.graph.ops import SAME_GRID
 from lightning_qat.graph.placement import data_users
 from lightning_qat.nn import QuantConv2d, QuantConvBn2d
+from lightning_qat.nn.pruning import apply_pruning
 from lightning_qat.quant import FakeQuantize, bias_codes, compute_qparams
 
 INT32_MAX = 2**31 - 1
@@ -513,6 +514,7 @@ def plan_deployment(model: nn.Module) -> DeploymentPlan:
     observers = [m.observer for m in model.modules() if isinstance(m, FakeQuantize)]
     synced = [o.sync for o in observers]
     model.eval()
+    apply_pruning(model)  # pruned weights as of the last optimizer step, not the last call
     try:
         # deployment runs on one process: no all-reduce of ranges (other ranks may be gone)
         for observer in observers:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_qat.nn.layer import QuantizedLayerMixin
+from lightning_qat.nn.pruning import adopt_tensor
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
@@ -60,8 +61,8 @@ class QuantConv2d(QuantizedLayerMixin, nn.Conv2d):
     ) -> QuantConv2d:
         """A `QuantConv2d` holding the very same Parameter objects as ``conv``."""
         new = cls(**conv2d_kwargs(conv), config=config, quantize_input=quantize_input)
-        new.weight = conv.weight
-        new.bias = conv.bias
+        adopt_tensor(new, conv, "weight")  # pruned weights stay pruned
+        adopt_tensor(new, conv, "bias")
         new.train(conv.training)
         return new
 

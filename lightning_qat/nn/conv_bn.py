@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_qat.nn.conv import conv2d_kwargs
 from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
 from lightning_qat.nn.layer import QuantizedLayerMixin
+from lightning_qat.nn.pruning import adopt_tensor, apply_pruning
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
@@ -88,8 +89,8 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
     ) -> QuantConvBn2d:
         """A `QuantConvBn2d` holding the very same Parameters as ``conv`` and ``bn``."""
         new = cls(**conv2d_kwargs(conv), bn=bn, config=config, quantize_input=quantize_input)
-        new.weight = conv.weight
-        new.bias = conv.bias
+        adopt_tensor(new, conv, "weight")  # pruned weights stay pruned
+        adopt_tensor(new, conv, "bias")
         new.train(conv.training)
         return new
 
@@ -116,6 +117,9 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
         return self.weight * self.fold_factor().reshape(-1, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a pruned BN's weight is set by its own hook when the BN is called, after this
+        # layer: recompute it now (nothing to do for an unpruned BN)
+        apply_pruning(self.bn)
         x = self.input_on_grid(x)
         if not self.training or self.bn_frozen:
             factor = self.fold_factor()

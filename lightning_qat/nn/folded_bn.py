@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_qat.nn.pruning import adopt_tensor
+
 
 class FoldedBatchNorm2d(nn.Module):
     """A BatchNorm2d whose work moved into the preceding `QuantConvBn2d`: passes its input
@@ -35,8 +37,8 @@ class FoldedBatchNorm2d(nn.Module):
         self.eps = bn.eps
         self.momentum = bn.momentum
         self.affine = bn.affine
-        self.weight = bn.weight
-        self.bias = bn.bias
+        adopt_tensor(self, bn, "weight")  # a pruned BatchNorm stays pruned
+        adopt_tensor(self, bn, "bias")
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qat.nn.layer import QuantizedLayerMixin
+from lightning_qat.nn.pruning import adopt_tensor
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
 
@@ -60,8 +61,8 @@ class QuantLinear(QuantizedLayerMixin, nn.Linear):
             config=config,
             quantize_input=quantize_input,
         )
-        new.weight = linear.weight
-        new.bias = linear.bias
+        adopt_tensor(new, linear, "weight")  # pruned weights stay pruned
+        adopt_tensor(new, linear, "bias")
         new.train(linear.training)
         return new
 
