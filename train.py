@@ -8,8 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lightning_qat.experiment import register_recipes, run
-from lightning_qat.run_folder import register_resolvers
+from lightning_qat.app.experiment import register_recipes, run
+from lightning_qat.app.run_folder import register_resolvers
 
 register_recipes(Path(__file__).parent / "recipes")
 register_resolvers()

@@ -44,8 +44,8 @@ from torch import nn
 from torch_ao_baselines import torch_ao_int8, torch_ao_int8_fx
 
 from lightning_qat import QuantConfig, prepare_qat
+from lightning_qat.app.models import NIN, NIN_WIDTHS, ResNetCifar
 from lightning_qat.export import OnnxRuntimeModel, to_onnx
-from lightning_qat.models import NIN, NIN_WIDTHS, ResNetCifar
 
 Runner = Callable[[np.ndarray], object]
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch_ao_baselines import torch_ao_qat
 
 from lightning_qat import QuantConfig, prepare_qat
-from lightning_qat.models import NIN, NIN_WIDTHS
+from lightning_qat.app.models import NIN, NIN_WIDTHS
 
 
 def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from lightning_qat import QuantConfig, QuantConvBn2d, prepare_qat, quantizers
-from lightning_qat.models import LeNet
+from lightning_qat.app.models import LeNet
 
 
 def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -12,8 +12,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities import rank_zero_only
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from lightning_qat.calibrate import batch_input
@@ -427,30 +425,33 @@ class QuantizationAwareTraining(L.Callback):
 
     @rank_zero_only
     def _print_layers(self, pl_module: nn.Module) -> None:
-        table = Table(title=f"lightning-qat: quantized layers ({self.config})")
-        for column in ("layer", "kind", "BN", "weight", "activation", "scheme"):
-            table.add_column(column)
+        rows = []
         for name, layer in quantized_layers(pl_module):
             w, a = layer.weight_quantizer, layer.activation_quantizer
-            table.add_row(
-                name,
-                type(layer).__name__,
-                "folded" if isinstance(layer, QuantConvBn2d) else "-",
-                f"int{w.bits} {'per-channel' if w.per_channel else 'per-tensor'}",
-                f"int{a.bits}" if a.fake_quant_enabled else "float (observed)",
-                "symmetric" if w.symmetric else "asymmetric",
+            rows.append(
+                (
+                    name,
+                    type(layer).__name__,
+                    "folded" if isinstance(layer, QuantConvBn2d) else "-",
+                    f"int{w.bits} {'per-channel' if w.per_channel else 'per-tensor'}",
+                    f"int{a.bits}" if a.fake_quant_enabled else "float (observed)",
+                    "symmetric" if w.symmetric else "asymmetric",
+                )
             )
         placement = self._plan.placement if self._plan is not None else None
         for point in placement.tensor_quantizers if placement else []:
-            table.add_row(
-                f"{point.module}.output_quantizer",
-                "tensor quantizer",
-                "-",
-                "-",
-                f"int{self.config.activation_bits}",
-                "read by " + ", ".join(point.readers),
+            rows.append(
+                (
+                    f"{point.module}.output_quantizer",
+                    "tensor quantizer",
+                    "-",
+                    "-",
+                    f"int{self.config.activation_bits}",
+                    "read by " + ", ".join(point.readers),
+                )
             )
-        Console().print(table)
+        columns = ("layer", "kind", "BN", "weight", "activation", "scheme")
+        print_table(f"lightning-qat: quantized layers ({self.config})", columns, rows)
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
         if not trainer.is_global_zero or not metrics:
@@ -472,6 +473,26 @@ def _retarget_pruning(trainer: L.Trainer, replaced: dict[int, nn.Module]) -> Non
                 (replaced.get(id(module), module), name)
                 for module, name in callback._parameters_to_prune
             ]
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table on the console: with rich where it is installed (the app has it), plain
+    text otherwise (a library install needs only torch, lightning and torchmetrics)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(c)) for c in column) for column in zip(columns, *rows, strict=True)]
+        lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        print("\n".join(lines))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def is_quantizer_key(key: str) -> bool:

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_qat.models import LeNet, ResNetCifar
+from lightning_qat.app.models import LeNet, ResNetCifar
 
 
 class DigitsData(L.LightningDataModule):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_qat.data import DigitsData
+from lightning_qat.app.data import DigitsData
 
 
 class _Poisoned:

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lightning_qat import QuantConvBn2d, prepare_qat
-from lightning_qat.data import DigitsData
-from lightning_qat.models import LeNet
+from lightning_qat.app.data import DigitsData
+from lightning_qat.app.models import LeNet
 
 
 def train_qat_digits(config, epochs=4, model=None, lr=0.05):

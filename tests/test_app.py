@@ -15,9 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_qat.experiment import build_module, register_recipes
-from lightning_qat.module import ImageClassifier
-from lightning_qat.run_folder import register_resolvers
+from lightning_qat.app.experiment import build_module, register_recipes
+from lightning_qat.app.module import ImageClassifier
+from lightning_qat.app.run_folder import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from lightning_qat import QuantConfig, calibrate, prepare_qat, quantized_layers
+from lightning_qat.app.data import DigitsData
+from lightning_qat.app.models import LeNet
 from lightning_qat.calibrate import HISTOGRAM_BINS, kl_threshold, percentile_threshold
-from lightning_qat.data import DigitsData
-from lightning_qat.models import LeNet
 
 
 def probe(batches):

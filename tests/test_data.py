@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.io import encode_jpeg, write_png
 
-from lightning_qat.data import (
+from lightning_qat.app.data import (
     CIFAR10Data,
     DigitsData,
     EpochSampler,
@@ -17,8 +17,8 @@ from lightning_qat.data import (
     balanced_subset,
     image_folder,
 )
+from lightning_qat.app.models import NIN, ResNetCifar, mobilenet_v2_cifar, resnet20
 from lightning_qat.model_stats import count_macs, model_size_bytes
-from lightning_qat.models import NIN, ResNetCifar, mobilenet_v2_cifar, resnet20
 from lightning_qat.prepare import prepare_qat
 
 

@@ -15,6 +15,7 @@ from test_graph_placement import Inception
 from torch import nn
 
 from lightning_qat import QuantConfig, prepare_qat
+from lightning_qat.app.models import ResNetCifar, mobilenet_v2_cifar, resnet20
 from lightning_qat.export import (
     OnnxRuntimeModel,
     evaluate_deployment,
@@ -23,7 +24,6 @@ from lightning_qat.export import (
     to_onnx,
 )
 from lightning_qat.export.plan import Add, QuantizedLayer
-from lightning_qat.models import ResNetCifar, mobilenet_v2_cifar, resnet20
 
 MODELS = {
     "resnet20": resnet20,

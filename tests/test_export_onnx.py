@@ -11,6 +11,7 @@ from qat_digits import train_qat_digits
 from torch import nn
 
 from lightning_qat import QuantConfig, prepare_qat
+from lightning_qat.app.models import NIN
 from lightning_qat.export import (
     OnnxRuntimeModel,
     evaluate_deployment,
@@ -19,7 +20,6 @@ from lightning_qat.export import (
     to_onnx,
 )
 from lightning_qat.export.plan import QuantizedLayer
-from lightning_qat.models import NIN
 from lightning_qat.quant import MIN_SCALE
 
 INT8, UINT8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from lightning_qat import QuantConfig, activation_quantizers, plan_qat, prepare_qat, quantizers
+from lightning_qat.app.models import mobilenet_v2_cifar, resnet20
 from lightning_qat.graph import QuantizeOutput
-from lightning_qat.models import mobilenet_v2_cifar, resnet20
 
 
 def observe(model: nn.Module, shape=(3, 32, 32), batches=3) -> nn.Module:
@@ -65,7 +65,7 @@ def test_mobilenet_v2_residual_blocks_quantize_their_sum_at_the_block_output():
 
 def test_chains_keep_each_layer_quantizing_its_own_input():
     """LeNet/NIN: no standalone quantizer, the state_dict keys of before."""
-    from lightning_qat.models import NIN
+    from lightning_qat.app.models import NIN
 
     model = prepare_qat(NIN(widths=(8, 8, 8, 8, 8, 8, 8, 8)), QuantConfig())
     assert all(n.endswith("activation_quantizer") for n, _ in activation_quantizers(model))

@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_qat import run_folder
-from lightning_qat.run_folder import (
+from lightning_qat.app import run_folder
+from lightning_qat.app.run_folder import (
     AppendingCSVLogger,
     hydra_subdir,
     resumed_run_dir,

@@ -46,10 +46,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+try:  # imported when exporting only (lazily, by lightning_qat.export)
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as error:
+    raise ImportError("onnx is needed to export: pip install 'lightning-qat[export]'") from error
 
 from lightning_qat.export import plan
 from lightning_qat.export.plan import DeploymentPlan, QuantGrid, plan_deployment

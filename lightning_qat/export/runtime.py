@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
+
+
+def require(package: str) -> Any:
+    """Import an optional dependency of the exporters, or say how to install it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise ImportError(
+            f"{package} is needed to export and run ONNX models: "
+            "pip install 'lightning-qat[export]'"
+        ) from error
 
 
 class OnnxRuntimeModel:
@@ -22,6 +34,7 @@ class OnnxRuntimeModel:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
+        ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:

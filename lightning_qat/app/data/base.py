@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_qat.data.epoch_sampler import EpochSampler
-from lightning_qat.data.tensor_images import TensorImageDataset, balanced_subset
+from lightning_qat.app.data.epoch_sampler import EpochSampler
+from lightning_qat.app.data.tensor_images import TensorImageDataset, balanced_subset
 
 
 class ImageClassificationData(L.LightningDataModule):

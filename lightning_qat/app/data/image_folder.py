@@ -12,7 +12,7 @@ from rich.progress import Progress
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from lightning_qat.data.base import ImageClassificationData
+from lightning_qat.app.data.base import ImageClassificationData
 
 
 class ImageFolderData(ImageClassificationData):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torchvision
 
-from lightning_qat.data.base import ImageClassificationData
+from lightning_qat.app.data.base import ImageClassificationData
 
 
 class _TorchvisionData(ImageClassificationData):

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from lightning_qat.data.base import ImageClassificationData
+from lightning_qat.app.data.base import ImageClassificationData
 
 
 class DigitsData(ImageClassificationData):

@@ -1,0 +1,180 @@
+"""Turn a sweep into a comparison: ``python -m lightning_qat.app.report <multirun dir>``.
+
+Reads every run's ``results.json`` (and its CSV metrics) below the directory and writes
+``report.md`` (one row per variant, like the reference table of DESIGN.md section 4),
+``accuracy.png`` (test accuracy per variant) and ``curves.png`` (validation accuracy per
+epoch, the QAT start and the freezes marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt
+
+MARKERS = (
+    ("start_epoch", "QAT start", "-"),
+    ("freeze_bn_epoch", "BN frozen", "--"),
+    ("freeze_observer_epoch", "ranges frozen", ":"),
+)
+
+
+def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """``results.json`` of every run below ``sweep_dir``, each with its validation curve."""
+    runs = []
+    for path in sorted(sweep_dir.rglob("results.json")):
+        result = json.loads(path.read_text())
+        result["run_dir"] = str(path.parent)
+        result["curve"] = _val_curve(path.parent)
+        runs.append(result)
+    if not runs:
+        raise FileNotFoundError(f"no results.json below {sweep_dir}: is it a train.py run?")
+    return runs
+
+
+def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, val_acc) from the run's CSVLogger metrics, if it has them."""
+    metrics = next(iter(sorted(run_dir.rglob("metrics.csv"))), None)
+    if metrics is None:
+        return []
+    curve = {}
+    with open(metrics) as f:
+        for row in csv.DictReader(f):
+            if row.get("val_acc") and row.get("epoch"):
+                curve[int(float(row["epoch"]))] = float(row["val_acc"])
+    return sorted(curve.items())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
+    """A deployed model's ``{prefix}_{key}`` in percent, with its image count where it
+    was measured on part of the test set."""
+    key = f"{prefix}_{key}"
+    if key not in run:
+        return "-"
+    images = run.get(f"{prefix}_test_images")
+    return _pct(run[key]) + (
+        f" ({images} img)" if images and images != run.get("test_images") else ""
+    )
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """One row per run: accuracies in percent, FP32 rows first, then by variant."""
+    runs = sorted(runs, key=lambda r: (r.get("quant") is not None, r["variant"]))
+    fp32 = [r["test_acc"] for r in runs if r.get("quant") is None]
+    baseline = max(fp32) if fp32 else None
+    lines = [
+        "| recipe | variant | test acc (%) | vs FP32 | fake-quant (%) | same weights in float (%) "
+        "| integer-only (%) | int = fake-quant top-1 (%) | ONNX int8 (%) "
+        "| ONNX = fake-quant top-1 (%) | params | MACs | size FP32 (KB) | size int (KB) "
+        "| time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        delta = "-" if baseline is None else f"{100 * (r['test_acc'] - baseline):+.2f}"
+        size_int = r.get("size_int_bytes")
+        lines.append(
+            f"| {r['recipe']} | {r['variant']} | {_pct(r['test_acc'])} | {delta} "
+            f"| {_pct(r.get('fake_quant_test_acc'))} | {_pct(r.get('float_test_acc'))} "
+            f"| {_deployed_cell(r, 'integer', 'test_acc')} "
+            f"| {_deployed_cell(r, 'integer', 'agreement')} "
+            f"| {_deployed_cell(r, 'onnx', 'test_acc')} | {_deployed_cell(r, 'onnx', 'agreement')} "
+            f"| {r['params']:,} | {r['macs']:,} | {r['size_fp32_bytes'] / 1024:.1f} "
+            f"| {'-' if size_int is None else f'{size_int / 1024:.1f}'} "
+            f"| {r['wall_time_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(runs: list[dict[str, Any]], path: Path) -> None:
+    labels = [f"{r['variant']}\n({Path(r['run_dir']).name})" for r in runs]
+    values = [100 * r["test_acc"] for r in runs]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs)), 3.5))
+    bars = ax.bar(labels, values, color=["grey" if r.get("quant") is None else "C0" for r in runs])
+    ax.bar_label(bars, fmt="%.2f")
+    low = min(values)
+    ax.set_ylim(max(0, low - 5), min(100, max(values) + 2))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{runs[0]['recipe']}: test accuracy per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(runs):
+        if not r["curve"]:
+            continue
+        epochs, acc = zip(*r["curve"], strict=True)
+        color = f"C{i % 10}"
+        ax.plot(
+            epochs,
+            [100 * a for a in acc],
+            marker="o",
+            ms=3,
+            color=color,
+            label=f"{r['variant']} ({Path(r['run_dir']).name})",
+        )
+        for key, _, style in MARKERS:
+            epoch = (r.get("schedule") or {}).get(key)
+            if epoch is not None:
+                ax.axvline(epoch - 0.5, color=color, linestyle=style, alpha=0.5)
+    handles, labels = ax.get_legend_handles_labels()
+    for _, name, style in MARKERS:  # legend entries for the schedule lines
+        handles.append(plt.Line2D([], [], color="black", linestyle=style, alpha=0.5))
+        labels.append(name)
+    ax.legend(handles, labels, fontsize=7, loc="lower right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("training curves (vertical lines: QAT schedule, at the epoch's start)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.md, accuracy.png and curves.png; returns the report's path."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir else sweep_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(sweep_dir)
+    plot_accuracy(runs, out_dir / "accuracy.png")
+    plot_curves(runs, out_dir / "curves.png")
+    report = out_dir / "report.md"
+    report.write_text(
+        f"# {sweep_dir}\n\n{markdown_table(runs)}\n"
+        "test acc: the model as trained (fake-quant for QAT variants); same weights in "
+        "float: fake quantization switched off; integer-only: the exported integer model "
+        "(lightning_qat.export.to_integer), on the test images shown where not all; ONNX "
+        "int8: the QDQ export (lightning_qat.export.to_onnx) in onnxruntime. vs FP32: "
+        "points against the best FP32 row of this sweep.\n\n"
+        "![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="a multirun (or run) directory of train.py")
+    parser.add_argument("--out", help="where to write (default: the sweep directory)")
+    args = parser.parse_args(argv)
+    report = write_report(args.sweep_dir, args.out)
+    print(report.read_text())
+    print(
+        f"written: {report}, {report.with_name('accuracy.png')}, {report.with_name('curves.png')}"
+    )
+
+
+if __name__ == "__main__":
+    main()

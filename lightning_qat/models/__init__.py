@@ -1,8 +1,0 @@
-"""Model zoo of the app: the networks the recipes train."""
-
-from lightning_qat.models.lenet import LeNet
-from lightning_qat.models.mobilenet import mobilenet_v2_cifar
-from lightning_qat.models.nin import NIN, NIN_WIDTHS
-from lightning_qat.models.resnet_cifar import ResNetCifar, resnet20
-
-__all__ = ["NIN", "NIN_WIDTHS", "LeNet", "ResNetCifar", "mobilenet_v2_cifar", "resnet20"]
