@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelPruning
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from lightning_qat.calibrate import batch_input
@@ -127,6 +129,14 @@ class QuantizationAwareTraining(L.Callback):
             weights and a finite loss): ``"raise"`` stops with a `NonFiniteError` naming
             the step and the first layer at fault, ``"skip"`` drops the step and logs
             ``qat/skipped_steps``. See `NonFiniteGuard`.
+        export_on_fit_end: write the int8 ONNX model (`lightning_qat.export.to_onnx`) to
+            this file when ``fit`` ends (a relative path is under the Trainer's
+            ``default_root_dir``), on rank zero; the example input is the module's
+            ``example_input_array``, else the first training batch. The path is logged
+            (``qat/onnx_path``) and kept as ``exported_paths``; `export` does the same
+            outside ``fit``. Lightning 1.x's ``quantize_on_fit_end``, deployable.
+        export_integer: with ``export_on_fit_end``, also save the integer-only reference
+            (`lightning_qat.export.to_integer`, ``torch.save``) as ``<name>.integer.pt``.
     """
 
     def __init__(
@@ -142,6 +152,8 @@ class QuantizationAwareTraining(L.Callback):
         verbose: bool = True,
         freeze_weight_ranges: bool = False,
         on_nonfinite: str = "raise",
+        export_on_fit_end: str | os.PathLike | None = None,
+        export_integer: bool = False,
     ):
         self.config = _quant_config(config)
         _check_count("start_epoch", start_epoch, allow_none=False)
@@ -171,6 +183,7 @@ class QuantizationAwareTraining(L.Callback):
             ("log_layer_stats", log_layer_stats),
             ("verbose", verbose),
             ("freeze_weight_ranges", freeze_weight_ranges),
+            ("export_integer", export_integer),
         ):
             _check_flag(flag, value)
         schedule = [
@@ -194,6 +207,20 @@ class QuantizationAwareTraining(L.Callback):
         except ValueError as error:
             raise ValueError(f"QuantizationAwareTraining({error})") from None
         self.on_nonfinite = on_nonfinite
+        if export_on_fit_end is not None and not isinstance(export_on_fit_end, str | os.PathLike):
+            raise TypeError(
+                f"QuantizationAwareTraining(export_on_fit_end={export_on_fit_end!r}): pass the "
+                "path of the .onnx file to write, or None"
+            )
+        if export_integer and export_on_fit_end is None:
+            raise ValueError(
+                "QuantizationAwareTraining(export_integer=True) writes beside the ONNX file: "
+                "set export_on_fit_end=<path.onnx> too"
+            )
+        self.export_on_fit_end = export_on_fit_end
+        self.export_integer = export_integer
+        #: what `export` wrote: {"onnx": path, "integer": path}
+        self.exported_paths: dict[str, Path] = {}
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -375,6 +402,63 @@ class QuantizationAwareTraining(L.Callback):
         # at the epoch's last step, as Lightning logs epoch-end metrics: a run resumed from
         # this epoch's checkpoint logs from the next step on, and nothing is doubled
         self._log(trainer, metrics, step=max(trainer.global_step - 1, 0))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.export_on_fit_end is None or not trainer.is_global_zero:
+            return
+        if not _is_converted(pl_module):
+            warnings.warn(
+                f"QuantizationAwareTraining: fit ended before start_epoch={self.start_epoch}; "
+                f"the model is float, so {self.export_on_fit_end} was not written",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        path = Path(self.export_on_fit_end)
+        if not path.is_absolute():
+            path = Path(trainer.default_root_dir) / path
+        self.export(pl_module, path, self._example_input(trainer, pl_module))
+        rank_zero_info(f"lightning-qat: wrote {', '.join(map(str, self.exported_paths.values()))}")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                {f"qat/{k}_path": str(v) for k, v in self.exported_paths.items()}
+            )
+
+    def export(
+        self, pl_module: nn.Module, path: str | os.PathLike, example_input: torch.Tensor
+    ) -> Path:
+        """Write the int8 ONNX model of the converted ``pl_module`` to ``path`` (and the
+        integer reference beside it with ``export_integer``); returns the ONNX path. No
+        collectives: it runs on one process."""
+        from lightning_qat.export import to_integer, to_onnx  # onnx only when exporting
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        example = example_input[:1].to(next(pl_module.parameters()).device)
+        self.exported_paths = {"onnx": to_onnx(pl_module, path, example)}
+        if self.export_integer:
+            stem = path.name.removesuffix(".onnx").removesuffix(".int8")  # model.int8.onnx
+            integer_path = path.with_name(f"{stem}.integer.pt")
+            torch.save(to_integer(pl_module), integer_path)
+            self.exported_paths["integer"] = integer_path
+        return self.exported_paths["onnx"]
+
+    def _example_input(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        example = pl_module.example_input_array
+        if example is None:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise ValueError(
+                    "export_on_fit_end needs an example input: set the module's "
+                    "example_input_array (no training batch to take one from)"
+                )
+            example = self.calibration_input(next(iter(loader)))
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(
+                "export_on_fit_end exports single-input models: the example input is a "
+                f"{type(example).__name__}; set example_input_array to one tensor"
+            )
+        return example
 
     # ---------------------------------------------------------------- work
     def _convert_for_training(self, module: nn.Module) -> None:
