@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from lightning_qat.calibrate import batch_input
+from lightning_qat.dashboard import layer_metric, log_table
 from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
 from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
@@ -378,18 +379,28 @@ class QuantizationAwareTraining(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.nonfinite_guard.on_train_epoch_end(trainer, pl_module)
-        if not (self.log_layer_stats and _is_converted(pl_module)):
-            return
+        # the phase at the epoch's last step too: dashboards draw it as a step chart
+        metrics = {"qat/phase": float(PHASES.index(self.phase))}
+        if self.log_layer_stats and _is_converted(pl_module):
+            metrics.update(self._layer_statistics(pl_module))
+        # at the epoch's last step, as Lightning logs epoch-end metrics: a run resumed from
+        # this epoch's checkpoint logs from the next step on, and nothing is doubled
+        self._log(trainer, metrics, step=max(trainer.global_step - 1, 0))
+
+    def _layer_statistics(self, pl_module: nn.Module) -> dict[str, float]:
+        """Per layer, as ``qat.<layer>/<stat>`` (one dashboard section a layer): the input
+        quantizer's scale and zero point, the fraction clipped (sampled on the epoch's
+        first batch), the weight SQNR in dB; standalone quantizers under their names."""
         metrics: dict[str, float] = {}
         for name, act in activation_quantizers(pl_module):
             # a layer's own input quantizer is logged under the layer's name
             key = name.removesuffix(".activation_quantizer")
             if act.fake_quant_enabled:
-                metrics[f"qat/{key}/act_scale"] = float(act.scale)
-                metrics[f"qat/{key}/act_zero_point"] = float(act.zero_point)
+                metrics[layer_metric(key, "act_scale")] = float(act.scale)
+                metrics[layer_metric(key, "act_zero_point")] = float(act.zero_point)
                 counts = self._clipping.get(name)
                 if counts and counts["total"]:
-                    metrics[f"qat/{key}/act_clipped"] = counts["clipped"] / counts["total"]
+                    metrics[layer_metric(key, "act_clipped")] = counts["clipped"] / counts["total"]
             act.observer.warn_if_nonfinite()
         for name, layer in quantized_layers(pl_module):
             with torch.no_grad():
@@ -397,13 +408,24 @@ class QuantizationAwareTraining(L.Callback):
                 quantizer = layer.weight_quantizer
                 was_observing = quantizer.observer_enabled
                 quantizer.enable_observer(False)  # measure with the scales in use
-                metrics[f"qat/{name}/weight_sqnr_db"] = sqnr_db(weight, quantizer(weight))
+                metrics[layer_metric(name, "weight_sqnr_db")] = sqnr_db(weight, quantizer(weight))
                 quantizer.enable_observer(was_observing)
-        # at the epoch's last step, as Lightning logs epoch-end metrics: a run resumed from
-        # this epoch's checkpoint logs from the next step on, and nothing is doubled
-        self._log(trainer, metrics, step=max(trainer.global_step - 1, 0))
+        return metrics
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self.log_layer_stats and _is_converted(pl_module):
+            columns, rows = self._layer_rows(pl_module)
+            stats = self._layer_statistics(pl_module)
+            columns = (*columns, "act_scale", "weight_sqnr_db")
+            rows = [
+                (
+                    *row,
+                    stats.get(layer_metric(row[0], "act_scale")),  # None: a float input
+                    stats.get(layer_metric(row[0], "weight_sqnr_db")),
+                )
+                for row in rows
+            ]
+            log_table(trainer.loggers, "qat/layers", columns, rows, step=trainer.global_step)
         if self.export_on_fit_end is None or not trainer.is_global_zero:
             return
         if not _is_converted(pl_module):
@@ -509,6 +531,10 @@ class QuantizationAwareTraining(L.Callback):
 
     @rank_zero_only
     def _print_layers(self, pl_module: nn.Module) -> None:
+        columns, rows = self._layer_rows(pl_module)
+        print_table(f"lightning-qat: quantized layers ({self.config})", columns, rows)
+
+    def _layer_rows(self, pl_module: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
         rows = []
         for name, layer in quantized_layers(pl_module):
             w, a = layer.weight_quantizer, layer.activation_quantizer
@@ -534,8 +560,7 @@ class QuantizationAwareTraining(L.Callback):
                     "read by " + ", ".join(point.readers),
                 )
             )
-        columns = ("layer", "kind", "BN", "weight", "activation", "scheme")
-        print_table(f"lightning-qat: quantized layers ({self.config})", columns, rows)
+        return ("layer", "kind", "BN", "weight", "activation", "scheme"), rows
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
         if not trainer.is_global_zero or not metrics:

@@ -292,7 +292,23 @@ def test_csv_tensorboard_and_offline_wandb_at_once(tmp_path):
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list(run.rglob("*"))[:20]
-    assert list(offline[0].glob("*.wandb"))
+    (records,) = offline[0].glob("*.wandb")
+    # per-layer statistics in a section per layer, the phase, and the two end tables
+    logged = records.read_bytes()
+    for key in (b"qat.model.4/act_scale", b"qat.model.4/weight_sqnr_db", b"qat/phase"):
+        assert key in logged, key
+    tables = {p.name.split("_")[0]: p for p in offline[0].rglob("*.table.json")}
+    assert {"layers", "results"} <= set(tables), list(offline[0].rglob("*.table.json"))
+    layers = json.loads(tables["layers"].read_text())
+    assert [row[0] for row in layers["data"]] == ["model.0", "model.4", "model.9", "model.11"]
+    assert "onnx_agreement" in tables["results"].read_text()
+    # TensorBoard: the same scalars and the tables as text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.*")).parent))
+    events.Reload()
+    assert {"qat/phase", "qat.model.4/act_scale"} <= set(events.Tags()["scalars"])
+    assert {"qat/layers/text_summary", "results/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):

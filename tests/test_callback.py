@@ -232,15 +232,23 @@ def test_logs_phases_and_layer_statistics_to_the_attached_logger(tmp_path, capsy
     assert "quantized layers" in out and "QuantConvBn2d" in out and "folded" in out
     with open(logger.log_dir + "/metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    phases = [float(r["qat/phase"]) for r in rows if r.get("qat/phase")]
-    assert phases == [0.0, 1.0, 2.0, 3.0, 3.0]
-    sqnr = [float(r["qat/net.4/weight_sqnr_db"]) for r in rows if r.get("qat/net.4/weight_sqnr_db")]
+    phases = [(int(r["step"]), float(r["qat/phase"])) for r in rows if r.get("qat/phase")]
+    # at each epoch's first and last step: a step chart (16 steps an epoch)
+    assert [p for _, p in phases] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+    assert [s for s, _ in phases[:4]] == [0, 15, 16, 31]
+    sqnr = [float(r["qat.net.4/weight_sqnr_db"]) for r in rows if r.get("qat.net.4/weight_sqnr_db")]
     assert len(sqnr) == 4 and all(30 < v < 60 for v in sqnr)  # about 6 dB a bit at 8 bits
-    clipped = [float(r["qat/net.4/act_clipped"]) for r in rows if r.get("qat/net.4/act_clipped")]
+    clipped = [float(r["qat.net.4/act_clipped"]) for r in rows if r.get("qat.net.4/act_clipped")]
     assert clipped and all(0 <= v < 0.05 for v in clipped)
-    scales = [float(r["qat/net.4/act_scale"]) for r in rows if r.get("qat/net.4/act_scale")]
+    scales = [float(r["qat.net.4/act_scale"]) for r in rows if r.get("qat.net.4/act_scale")]
     assert len(scales) == 4 and all(v > 0 for v in scales)
-    assert not any(r.get("qat/net.0/act_scale") for r in rows)  # first layer input stays float
+    assert not any(r.get("qat.net.0/act_scale") for r in rows)  # first layer input stays float
+    # at the end, the table of the quantized layers beside the metrics
+    with open(logger.log_dir + "/qat_layers.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["layer"] for r in table] == ["net.0", "net.4", "net.9", "net.11"]
+    assert table[1]["kind"] == "QuantConvBn2d" and float(table[1]["act_scale"]) == scales[-1]
+    assert table[0]["act_scale"] == "-" and float(table[1]["weight_sqnr_db"]) > 30
 
 
 def test_bf16_mixed_precision_trains(tmp_path):

@@ -22,6 +22,7 @@ from lightning_qat.app.module import ImageClassifier
 from lightning_qat.app.run_folder import resumed_run_dir, truncate_metrics
 from lightning_qat.calibrate import calibrate
 from lightning_qat.callback import is_quantizer_key
+from lightning_qat.dashboard import log_table
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.nonfinite_guard import NonFiniteGuard
@@ -272,6 +273,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         _write_results(results, start, output_dir)
         _print_summary(results)
+        # one type a column (W&B): the values as text, numbers to 6 significant digits
+        rows = [
+            (k, f"{v:.6g}" if isinstance(v, float) else str(v))
+            for k, v in results.items()
+            if isinstance(v, int | float | str)
+        ]
+        log_table(trainer.loggers, "results", ("metric", "value"), rows, trainer.global_step)
     return results
 
 
