@@ -400,7 +400,8 @@ class QuantizationAwareTraining(L.Callback):
                 metrics[layer_metric(key, "act_zero_point")] = float(act.zero_point)
                 counts = self._clipping.get(name)
                 if counts and counts["total"]:
-                    metrics[layer_metric(key, "act_clipped")] = counts["clipped"] / counts["total"]
+                    clipped = float(counts["clipped"])  # a device tensor: read once an epoch
+                    metrics[layer_metric(key, "act_clipped")] = clipped / counts["total"]
             act.observer.warn_if_nonfinite()
         for name, layer in quantized_layers(pl_module):
             with torch.no_grad():

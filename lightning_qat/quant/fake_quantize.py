@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -10,6 +11,27 @@ from torch import nn
 from lightning_qat.quant.config import QuantConfig
 from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import compute_qparams, quant_range
+
+
+def _register_fake_kernels() -> None:
+    """Shapes for torch.compile of the two fused kernels torch ships without a fake-tensor
+    kernel (``torch._dynamo`` breaks the graph at each call otherwise: 5 breaks in a QAT
+    LeNet step). Outputs are the input's shape, the mask bool; the kernels themselves are
+    unchanged, so compiled numerics are the eager ones."""
+    ops = (
+        "aten::fake_quantize_per_channel_affine_cachemask",
+        "aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    )
+    for op in ops:
+        with contextlib.suppress(RuntimeError):  # a later torch ships its own: keep it
+            torch.library.register_fake(op)(_same_shape_and_mask)
+
+
+def _same_shape_and_mask(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+_register_fake_kernels()
 
 
 class _PerTensorFakeQuant(torch.autograd.Function):
@@ -166,7 +188,8 @@ class FakeQuantize(nn.Module):
         high = (self.quant_max - zero_point) * scale
         # half a step of slack: values that round onto qmin/qmax are not clipped
         clipped = (x < low - scale / 2) | (x > high + scale / 2)
-        self.clipping_counts["clipped"] += int(clipped.sum())
+        # a device tensor, read by the callback at epoch end: no host sync in the step
+        self.clipping_counts["clipped"] = self.clipping_counts["clipped"] + clipped.sum()
         self.clipping_counts["total"] += x.numel()
 
     # The switches are plain attributes (no host sync to read them on an accelerator);

@@ -78,7 +78,13 @@ class MovingAverageMinMaxObserver(nn.Module):
         self.num_nonfinite.add_((~all_finite).long())
         # Warn at once on the CPU, where checking is free; elsewhere warn_if_nonfinite()
         # reads the counter when the caller chooses (the callback, once an epoch).
-        if x.device.type == "cpu" and not self._warned and not bool(all_finite):
+        # (not under torch.compile: reading the flag would break the graph)
+        if (
+            x.device.type == "cpu"
+            and not self._warned
+            and not torch.compiler.is_compiling()
+            and not bool(all_finite)
+        ):
             self.warn_if_nonfinite()
 
     def warn_if_nonfinite(self) -> None:
