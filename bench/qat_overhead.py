@@ -1,12 +1,20 @@
 """Training-step time of NIN with QAT, as a ratio to the FP32 step, measured in one run.
 
     python bench/qat_overhead.py                 # NIN, batch 128, channels_last, SGD
+    python bench/qat_overhead.py --compile       # torch.compile (inductor) of every variant
     python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
 
 Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN; torch.ao
 eager QAT (fused ConvBnReLU2d, default fbgemm QAT qconfig) where torch still ships it.
 The variants are timed round-robin (one step of each per round) so that load on this
 shared machine hits them alike, and the median step per variant is reported.
+
+Memory: each variant also runs alone in a fresh process (a few steps), whose peak resident
+memory above its state before the first step is reported as a ratio to FP32's (two
+models in one process would share an allocator and hide each other's peaks).
+
+``--compile`` compiles each model with ``torch.compile`` (inductor) first and compares
+compiled QAT with compiled FP32 (torch.ao's eager QAT is left out there).
 
 Allocator: glibc hands out tensors above 32 MB (NIN's activations at batch 128 are
 80 MB) as fresh mmaps and zero-fills their pages on first touch, every step; that cost
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,9 +59,11 @@ def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-def make_step(model: nn.Module, batch_size: int) -> Callable[[], None]:
+def make_step(model: nn.Module, batch_size: int, compile: bool = False) -> Callable[[], None]:
     model = model.train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if compile:
+        model = torch.compile(model)
     x = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
 
@@ -74,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
     parser.add_argument(
         "--malloc",
         choices=["both", "system", "reuse", "current"],
@@ -81,11 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         help="allocator setting(s) to time under, each in a fresh process",
     )
     args = parser.parse_args(argv)
+    if args.peak_of:
+        print(peak_memory(args))
+        return
     if args.malloc == "current":
         measure(args)
+        memory_table(args, argv if argv is not None else sys.argv[1:])
         return
     settings = ["system", "reuse"] if args.malloc == "both" else [args.malloc]
-    rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--malloc")]
+    rest = _without_malloc(argv if argv is not None else sys.argv[1:])
     for setting in settings:
         env = {k: v for k, v in os.environ.items() if k not in REUSE_MALLOC}
         if setting == "reuse":
@@ -97,18 +115,86 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
+def _without_malloc(argv: list[str]) -> list[str]:
+    """The command line less its ``--malloc X`` / ``--malloc=X``."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--malloc":
+            skip = True
+        elif not arg.startswith("--malloc="):
+            rest.append(arg)
+    return rest
+
+
+def _sizes(args: argparse.Namespace) -> tuple[tuple[int, ...], int]:
     widths = tuple(max(4, w // 16) for w in NIN_WIDTHS) if args.quick else NIN_WIDTHS
-    batch_size = 8 if args.quick else args.batch_size
+    return widths, 8 if args.quick else args.batch_size
+
+
+def _variants(args: argparse.Namespace, widths: tuple[int, ...]) -> dict[str, Callable]:
+    found = variants(widths)
+    if args.compile:  # torch.ao's eager QAT modules are not what this table compares
+        found.pop("torch.ao eager QAT")
+    return found
+
+
+def peak_memory(args: argparse.Namespace) -> int:
+    """Peak resident memory (bytes) of a few training steps of one variant, above the
+    process's state after building the model, its optimizer and its input."""
+    widths, batch_size = _sizes(args)
+    torch.manual_seed(0)
+    model = _variants(args, widths)[args.peak_of]()
+    if model is None:
+        return 0
+    step = make_step(model, batch_size, args.compile)
+    if args.compile:
+        step()  # compilation's own memory is not the step's
+    before = _resident_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(args.memory_steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak, peak_before) - before
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
+    widths, _ = _sizes(args)
+    rest = _without_malloc(argv)
+    peaks = {}
+    for name in _variants(args, widths):
+        out = subprocess.run(
+            [sys.executable, __file__, *rest, "--malloc", "current", "--peak-of", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        peaks[name] = int(out.split()[-1])
+    print("\nPeak memory of a training step, each variant alone in a fresh process")
+    print("| variant | peak above the model (MB) | ratio to FP32 |")
+    print("|---|---:|---:|")
+    for name, peak in peaks.items():
+        if peak:
+            print(f"| {name} | {peak / 2**20:.0f} | {peak / peaks['FP32']:.2f}x |")
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    widths, batch_size = _sizes(args)
 
     torch.manual_seed(0)
     steps = {}
-    for name, build in variants(widths).items():
+    for name, build in _variants(args, widths).items():
         model = build()
         if model is None:
             print(f"{name}: not shipped by torch {torch.__version__}, skipped")
             continue
-        steps[name] = make_step(model, batch_size)
+        steps[name] = make_step(model, batch_size, args.compile)
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -121,7 +207,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"NIN training step, batch {batch_size}, channels_last, SGD, "
+        f"NIN training step{' (torch.compile)' if args.compile else ''}, batch {batch_size}, "
+        "channels_last, SGD, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"median of {args.rounds} rounds"
     )
