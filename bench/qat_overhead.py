@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -87,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
+    parser.add_argument("--memory-only", action="store_true", help="the memory table alone")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
     parser.add_argument(
         "--malloc",
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         print(peak_memory(args))
         return
     if args.malloc == "current":
-        measure(args)
+        if not args.memory_only:
+            measure(args)
         memory_table(args, argv if argv is not None else sys.argv[1:])
         return
     settings = ["system", "reuse"] if args.malloc == "both" else [args.malloc]
@@ -151,17 +152,20 @@ def peak_memory(args: argparse.Namespace) -> int:
     step = make_step(model, batch_size, args.compile)
     if args.compile:
         step()  # compilation's own memory is not the step's
-    before = _resident_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _status_bytes("VmRSS")
     for _ in range(args.memory_steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(peak, peak_before) - before
+    # VmHWM, this process's own peak: getrusage's ru_maxrss starts a child at its parent's
+    # peak (Linux copies it at fork), which made every variant read the timing run's peak
+    return _status_bytes("VmHWM") - before
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
