@@ -15,10 +15,12 @@ from lightning_qat.prepare import (
     plan_qat,
     prepare_qat,
     quantized_layers,
+    quantizer_parameters,
     quantizers,
 )
 from lightning_qat.quant import (
     FakeQuantize,
+    LearnedScaleFakeQuantize,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     QuantConfig,
@@ -29,6 +31,7 @@ from lightning_qat.quant import (
 __all__ = [
     "FakeQuantize",
     "FoldedBatchNorm2d",
+    "LearnedScaleFakeQuantize",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "NonFiniteError",
@@ -47,6 +50,7 @@ __all__ = [
     "prepare_qat",
     "quant_range",
     "quantized_layers",
+    "quantizer_parameters",
     "quantizers",
     "restore_qat_checkpoint",
 ]

@@ -3,6 +3,7 @@ a few batches, without training."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,9 +13,13 @@ from torch import nn
 
 from lightning_qat.prepare import activation_quantizers, quantized_layers
 from lightning_qat.quant import FakeQuantize
+from lightning_qat.quant.range_search import mse_range
 
-METHODS = ("minmax", "ema", "percentile", "kl")
+METHODS = ("minmax", "ema", "percentile", "kl", "mse")
 HISTOGRAM_BINS = 2048
+#: Elements of each activation kept (a strided sample of every batch) for the ``mse``
+#: search, which costs a hundred fake-quant passes over them.
+MSE_SAMPLE = 1 << 18
 
 
 def batch_input(batch: Any) -> Any:
@@ -25,8 +30,10 @@ def batch_input(batch: Any) -> Any:
 class _RangeCollector:
     """Gathers what a method needs of one activation over the calibration batches."""
 
-    def __init__(self, method: str, momentum: float):
+    def __init__(self, method: str, momentum: float, sample_per_batch: int = MSE_SAMPLE):
         self.method = method
+        self.sample_per_batch = sample_per_batch
+        self.samples: list[torch.Tensor] = []  # for mse
         self.momentum = momentum
         self.min = self.max = None  # running (minmax) or EMA (ema) range
         self.histogram: torch.Tensor | None = None
@@ -44,6 +51,9 @@ class _RangeCollector:
         else:
             self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.abs_max = max(abs(self.min), abs(self.max), self.abs_max)
+        if self.method == "mse":
+            values = x.detach().float().flatten()
+            self.samples.append(values[:: math.ceil(values.numel() / self.sample_per_batch)])
 
     def observe_histogram(self, x: torch.Tensor) -> None:
         """Histogram of |x| over [0, abs_max] (the first pass found abs_max)."""
@@ -111,10 +121,15 @@ def calibrate(
     - ``ema``: an exponential moving average of each batch's min and max (``momentum``;
       Jacob et al. 2018, section 3.1);
     - ``percentile``: ``percentile`` of |x| on a histogram, clipped to the observed range;
-    - ``kl``: TensorRT's entropy calibration on a 2048-bin histogram of |x|.
+    - ``kl``: TensorRT's entropy calibration on a 2048-bin histogram of |x|;
+    - ``mse``: the range ``[α min, α max]`` whose quantization of a sample of the batches
+      has the least squared error (`lightning_qat.quant.range_search.mse_range`; Banner
+      et al. 2019, section 3), and the same search for the weight ranges.
 
-    Weight scales come from the weights (per channel as configured). Afterwards fake
-    quantization is on and every observer is frozen. Returns ``model``, in eval mode.
+    Weight scales come from the weights (per channel as configured): their full range,
+    or with ``mse`` the least-error range (at 4 bits and below it matters most there).
+    Afterwards fake quantization is on and every observer is frozen. Returns ``model``, in
+    eval mode.
     """
     if method not in METHODS:
         raise ValueError(f"calibrate(method={method!r}): use one of {', '.join(METHODS)}")
@@ -126,7 +141,8 @@ def calibrate(
     model.eval()
     quantizers: dict[str, FakeQuantize] = dict(activation_quantizers(model))
     fake_quant = {n: q.fake_quant_enabled for n, q in quantizers.items()}
-    collectors = {n: _RangeCollector(method, momentum) for n in quantizers}
+    per_batch = max(MSE_SAMPLE // num_batches, 1)
+    collectors = {n: _RangeCollector(method, momentum, per_batch) for n in quantizers}
     for q in [*quantizers.values(), *(layer.weight_quantizer for layer in layers.values())]:
         q.enable_fake_quant(False).enable_observer(False)  # a float forward pass
 
@@ -170,6 +186,10 @@ def calibrate(
                 histogram[0] -= c.zeros
                 threshold = kl_threshold(histogram, width, levels)
             low, high = max(low, -threshold), min(high, threshold)
+        elif method == "mse":
+            low, high = mse_range(
+                torch.cat(c.samples), quantizer.quant_min, quantizer.quant_max, quantizer.symmetric
+            )
         observer = quantizer.observer
         observer.min_val.fill_(low)
         observer.max_val.fill_(high)
@@ -180,4 +200,15 @@ def calibrate(
         weight.enable_observer(True).enable_fake_quant(True)
         weight(layer.weight_to_quantize())  # scales from the weights (observes in eval)
         weight.enable_observer(False)
+        if method == "mse":
+            low, high = mse_range(
+                layer.weight_to_quantize(),
+                weight.quant_min,
+                weight.quant_max,
+                weight.symmetric,
+                weight.ch_axis if weight.per_channel else None,
+            )
+            weight.observer.min_val.copy_(low)
+            weight.observer.max_val.copy_(high)
+            weight.update_qparams()
     return model

@@ -16,8 +16,10 @@ from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
-from lightning_qat.calibrate import batch_input
+from lightning_qat.calibrate import METHODS as CALIBRATION_METHODS
+from lightning_qat.calibrate import batch_input, calibrate
 from lightning_qat.dashboard import layer_metric, log_table
+from lightning_qat.graph import INPUT_QUANTIZER, OUTPUT_QUANTIZER
 from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
 from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
@@ -26,12 +28,15 @@ from lightning_qat.prepare import (
     apply_plan,
     plan_qat,
     quantized_layers,
+    quantizer_parameters,
     quantizers,
 )
-from lightning_qat.quant import QuantConfig, sqnr_db
+from lightning_qat.quant import LearnedScaleFakeQuantize, QuantConfig, sqnr_db
 
 #: Phases, in order; logged as ``qat/phase`` so dashboards show when each began.
 PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
+#: The name of the optimizer param group holding the learned step sizes.
+QUANTIZER_GROUP = "qat/quantizer_scales"
 
 
 def _check_count(
@@ -138,6 +143,11 @@ class QuantizationAwareTraining(L.Callback):
             outside ``fit``. Lightning 1.x's ``quantize_on_fit_end``, deployable.
         export_integer: with ``export_on_fit_end``, also save the integer-only reference
             (`lightning_qat.export.to_integer`, ``torch.save``) as ``<name>.integer.pt``.
+        calibration_method: how the ``calibration_batches`` set the ranges: None (the
+            observers, as in training), or a `lightning_qat.calibrate` method (``"mse"``,
+            ``"kl"``, ``"percentile"``, ...; weight ranges too with ``"mse"``), after
+            which the observers run on (with ``QuantConfig(learn_scale=True)``: the
+            learned step sizes start from these ranges).
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class QuantizationAwareTraining(L.Callback):
         on_nonfinite: str = "raise",
         export_on_fit_end: str | os.PathLike | None = None,
         export_integer: bool = False,
+        calibration_method: str | None = None,
     ):
         self.config = _quant_config(config)
         _check_count("start_epoch", start_epoch, allow_none=False)
@@ -226,6 +237,17 @@ class QuantizationAwareTraining(L.Callback):
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
         self.calibration_batches = calibration_batches
+        if calibration_method is not None and calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"QuantizationAwareTraining(calibration_method={calibration_method!r}): use "
+                f"None (the observers) or one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        if calibration_method is not None and calibration_batches == 0:
+            raise ValueError(
+                f"QuantizationAwareTraining(calibration_method={calibration_method!r}) needs "
+                "calibration_batches >= 1"
+            )
+        self.calibration_method = calibration_method
         self.calibration_input = calibration_input
         self.fuse_pairs = None if fuse_pairs is None else [tuple(p) for p in fuse_pairs]
         self.log_layer_stats = log_layer_stats
@@ -237,6 +259,7 @@ class QuantizationAwareTraining(L.Callback):
         self._clipping: dict[str, dict[str, int]] = {}
         self._calibration_pending = False
         self._trainer: L.Trainer | None = None
+        self._unregistered_parameters: list[nn.Parameter] = []
 
     # ---------------------------------------------------------------- state
     @property
@@ -312,6 +335,12 @@ class QuantizationAwareTraining(L.Callback):
                 if is_quantizer_key(key) or key.endswith("._extra_state"):
                     state_dict.setdefault(key, value)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The optimizer exists now; a converted model's learned step sizes (converted in
+        # setup, or by a resumed checkpoint) move to their own group before the
+        # checkpoint's optimizer state loads, so the layout matches the run that saved it.
+        self._add_quantizer_group(trainer, pl_module)
+
     # ---------------------------------------------------------------- schedule
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -319,6 +348,9 @@ class QuantizationAwareTraining(L.Callback):
         if not converted and epoch >= self.start_epoch:
             self._convert_for_training(pl_module)
             converted = True
+            self._add_quantizer_group(trainer, pl_module)
+            if trainer.world_size > 1:  # created after DDP wrapped the model
+                self._unregistered_parameters = quantizer_parameters(pl_module)
         if converted:
             self._configure_distributed(trainer, pl_module)
             if self._calibration_pending:
@@ -362,7 +394,23 @@ class QuantizationAwareTraining(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._reduce_quantizer_gradients(trainer, pl_module)
         self.nonfinite_guard.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def _reduce_quantizer_gradients(self, trainer: L.Trainer, pl_module: nn.Module) -> None:
+        """Learned step sizes under DDP: average the gradients DDP does not know of
+        (quantizers created after it wrapped the model), and drop the zero gradients of
+        frozen ones (given only because DDP expects a gradient for each of its
+        Parameters) so that no optimizer moves them by momentum or weight decay."""
+        if trainer.world_size > 1 and self._unregistered_parameters:
+            for parameter in self._unregistered_parameters:
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad.div_(trainer.world_size)
+        for _, quantizer in quantizers(pl_module):
+            if isinstance(quantizer, LearnedScaleFakeQuantize) and not quantizer.observer_enabled:
+                for parameter in quantizer.parameters(recurse=False):
+                    parameter.grad = None
 
     def on_train_batch_end(
         self,
@@ -396,7 +444,7 @@ class QuantizationAwareTraining(L.Callback):
             # a layer's own input quantizer is logged under the layer's name
             key = name.removesuffix(".activation_quantizer")
             if act.fake_quant_enabled:
-                metrics[layer_metric(key, "act_scale")] = float(act.scale)
+                metrics[layer_metric(key, "act_scale")] = float(act.scale.detach())
                 metrics[layer_metric(key, "act_zero_point")] = float(act.zero_point)
                 counts = self._clipping.get(name)
                 if counts and counts["total"]:
@@ -504,6 +552,37 @@ class QuantizationAwareTraining(L.Callback):
         if self._trainer is not None:
             _retarget_pruning(self._trainer, replaced)
 
+    def _add_quantizer_group(self, trainer: L.Trainer, pl_module: nn.Module) -> None:
+        """Put the learned step sizes and zero points (`QuantConfig.learn_scale`) in a
+        param group of their own in the first optimizer, named ``QUANTIZER_GROUP``: with
+        group 0's settings (learning rate and its schedule) but no weight decay, which
+        would pull step sizes towards 0 (LSQ trains them as any weight, but decay on a
+        step size shrinks the clipping range regardless of the loss). Created at
+        conversion, they are not in an optimizer the user built earlier; converted in
+        ``setup``, they are, and move here, so every run has the same layout."""
+        parameters = quantizer_parameters(pl_module)
+        if not parameters or not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        ids = {id(p) for p in parameters}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        groups = [g for g in optimizer.param_groups if g.get("name") == QUANTIZER_GROUP]
+        if groups:
+            groups[0]["params"] = parameters
+            return
+        settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        if "weight_decay" in settings:
+            settings["weight_decay"] = 0.0
+        optimizer.add_param_group({**settings, "params": parameters, "name": QUANTIZER_GROUP})
+        for scheduler_config in trainer.lr_scheduler_configs:
+            scheduler = scheduler_config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer:
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs.append(settings.get("initial_lr", settings["lr"]))
+                if hasattr(scheduler, "_last_lr"):
+                    scheduler._last_lr.append(settings["lr"])
+
     def _configure_distributed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         distributed = trainer.world_size > 1
         # Lightning keeps its sync_batchnorm choice on the strategy as a "layer sync".
@@ -519,10 +598,30 @@ class QuantizationAwareTraining(L.Callback):
         """Run training batches through the model to set the activation ranges: the model
         in eval (BN statistics untouched), its activation quantizers in training mode."""
         was_training = pl_module.training
+        loader = trainer.train_dataloader
+        if self.calibration_method is not None:
+            batches = (trainer.strategy.batch_to_device(b) for b in loader)
+            calibrate(
+                pl_module,
+                batches,
+                self.calibration_method,
+                self.calibration_batches,
+                model_input=self.calibration_input,
+            )
+            for _, quantizer in quantizers(pl_module):  # training goes on from here
+                if trainer.world_size > 1:  # each rank calibrated on its own batches
+                    bounds = torch.stack([quantizer.observer.min_val, quantizer.observer.max_val])
+                    torch.distributed.all_reduce(bounds)
+                    bounds /= trainer.world_size
+                    quantizer.observer.min_val.copy_(bounds[0])
+                    quantizer.observer.max_val.copy_(bounds[1])
+                    quantizer.update_qparams()
+                quantizer.enable_observer(True)
+            pl_module.train(was_training)
+            return
         pl_module.eval()
         for _, quantizer in activation_quantizers(pl_module):
             quantizer.train()
-        loader = trainer.train_dataloader
         for index, batch in enumerate(loader):
             if index >= self.calibration_batches:
                 break
@@ -544,20 +643,22 @@ class QuantizationAwareTraining(L.Callback):
                     name,
                     type(layer).__name__,
                     "folded" if isinstance(layer, QuantConvBn2d) else "-",
-                    f"int{w.bits} {'per-channel' if w.per_channel else 'per-tensor'}",
-                    f"int{a.bits}" if a.fake_quant_enabled else "float (observed)",
+                    f"int{w.bits} {'per-channel' if w.per_channel else 'per-tensor'}{_lsq(w)}",
+                    f"int{a.bits}{_lsq(a)}" if a.fake_quant_enabled else "float (observed)",
                     "symmetric" if w.symmetric else "asymmetric",
                 )
             )
         placement = self._plan.placement if self._plan is not None else None
         for point in placement.tensor_quantizers if placement else []:
+            name = f"{point.module}.{INPUT_QUANTIZER if point.on_input else OUTPUT_QUANTIZER}"
+            quantizer = pl_module.get_submodule(name)
             rows.append(
                 (
-                    f"{point.module}.output_quantizer",
+                    name,
                     "tensor quantizer",
                     "-",
                     "-",
-                    f"int{self.config.activation_bits}",
+                    f"int{quantizer.bits}",
                     "read by " + ", ".join(point.readers),
                 )
             )
@@ -603,6 +704,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def _lsq(quantizer: nn.Module) -> str:
+    return ", learned step" if isinstance(quantizer, LearnedScaleFakeQuantize) else ""
 
 
 def is_quantizer_key(key: str) -> bool:

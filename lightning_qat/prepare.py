@@ -300,32 +300,49 @@ def apply_plan(model: nn.Module, config: QuantConfig, plan: ConversionPlan) -> n
     """Convert ``model`` in place as `plan_qat` planned it (see `prepare_qat`)."""
     bn_of = plan.folded
     modules = dict(model.named_modules())
+    configs = layer_configs(config, plan.layers)
     for index, name in enumerate(plan.layers):
-        layer = modules[name]
+        layer, layer_config = modules[name], configs[name]
         quantize_input = index > 0 or config.quantize_first_input
         if name in bn_of:
             folded = FoldedBatchNorm2d(modules[bn_of[name]])
             _set_submodule(model, bn_of[name], folded)
-            new = QuantConvBn2d.from_float(layer, folded, config, quantize_input)
+            new = QuantConvBn2d.from_float(layer, folded, layer_config, quantize_input)
         elif isinstance(layer, nn.Conv2d):
-            new = QuantConv2d.from_float(layer, config, quantize_input)
+            new = QuantConv2d.from_float(layer, layer_config, quantize_input)
         else:
-            new = QuantLinear.from_float(layer, config, quantize_input)
+            new = QuantLinear.from_float(layer, layer_config, quantize_input)
         for quantizer_name in ("activation_quantizer", "weight_quantizer"):
             getattr(new, quantizer_name).observer.name = f"{name}.{quantizer_name}"
         _set_submodule(model, name, new)
-    _attach_tensor_quantizers(model, config, plan.placement)
+    _attach_tensor_quantizers(model, config, configs, plan.placement)
     return model
 
 
-def _attach_tensor_quantizers(model: nn.Module, config: QuantConfig, placement: Placement) -> None:
+def layer_configs(config: QuantConfig, layers: Sequence[str]) -> dict[str, QuantConfig]:
+    """Each layer's config, ``config.layer_bits`` applied (``layers`` in call order, so
+    ``"@first"`` and ``"@last"`` name their first and last)."""
+    last = len(layers) - 1
+    return {
+        name: config.for_layer(name, first=index == 0, last=index == last)
+        for index, name in enumerate(layers)
+    }
+
+
+def _attach_tensor_quantizers(
+    model: nn.Module, config: QuantConfig, configs: dict[str, QuantConfig], placement: Placement
+) -> None:
     """Give each module of ``placement`` an ``output_quantizer`` applied by a forward hook
     (or an ``input_quantizer`` applied by a forward pre-hook; no ``forward`` changes),
-    shared as ``activation_quantizer`` by the layers reading it."""
+    shared as ``activation_quantizer`` by the layers reading it. Its width is the widest
+    of its reading layers' activation widths (one grid serves them all), the model-wide
+    ``config.activation_bits`` where no layer reads it directly (an add's input)."""
     device = module_device(model)
     for point in placement.tensor_quantizers:
         module = model.get_submodule(point.module)
-        quantizer = FakeQuantize.for_activations(config).to(device)
+        readers = [configs[name] for name in point.layers if name in configs]
+        widest = max(readers, key=lambda c: c.activation_bits) if readers else config
+        quantizer = FakeQuantize.for_activations(widest).to(device)
         attribute = INPUT_QUANTIZER if point.on_input else OUTPUT_QUANTIZER
         quantizer.observer.name = f"{point.module}.{attribute}"
         module.add_module(attribute, quantizer)
@@ -344,6 +361,16 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantize):
             yield name, module
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned step sizes and zero points of ``model`` (`QuantConfig.learn_scale`),
+    each once, in module order: what the QAT callback puts in its own optimizer group."""
+    return [
+        parameter
+        for _, quantizer in quantizers(model)
+        for parameter in quantizer.parameters(recurse=False)
+    ]
 
 
 def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:

@@ -80,3 +80,29 @@ def test_fit_of_a_compiled_module_with_the_callback(tmp_path, start_epoch):
     assert callback.phase == "qat"
     assert any(True for _ in quantizers(trainer.lightning_module))
     assert trainer.callback_metrics["val_acc"] > 0.7
+
+
+@pytest.mark.parametrize("name", ["resnet20"])
+def test_a_learned_step_qat_step_compiles_to_one_graph_once_learning(name):
+    """LSQ: the step sizes' start (one eager step: an MSE search on the first batch) is
+    left to eager; from then on a training step is one graph with eager's gradients,
+    the step sizes' among them."""
+    build, shape = MODELS[name]
+    config = QuantConfig(
+        weight_bits=4, activation_bits=4, activation_symmetric=False, learn_scale=True
+    )
+    torch.manual_seed(0)
+    eager = prepare_qat(build(), config).train()
+    torch.manual_seed(0)
+    compiled_model = prepare_qat(build(), config).train()
+    x = torch.randn(shape)
+    _step(eager, x)
+    _step(compiled_model, x)  # starts learning in eager
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        out_e, grads_e = _step(eager, x)
+        out_c, grads_c = _step(compiled, x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+        assert len(grads_c) == len(grads_e)
+        for g_c, g_e in zip(grads_c, grads_e, strict=True):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,7 @@ class SameOnEveryRank(L.Callback):
         folded = [m for m in module.modules() if isinstance(m, FoldedBatchNorm2d)]
         assert q and folded and all(m.sync for m in folded)
         state = torch.cat(
-            [t.scale.flatten() for t in q]
+            [t.scale.detach().flatten() for t in q]
             + [t.zero_point.flatten().float() for t in q]
             + [m.running_mean for m in folded]
             + [m.running_var for m in folded]

@@ -196,7 +196,10 @@ def grid_of(quantizer: FakeQuantize, name: str) -> QuantGrid:
     if quantizer.per_channel:
         raise ValueError(f"export: {name} quantizes its input per channel; per tensor only")
     return QuantGrid(
-        float(quantizer.scale), int(quantizer.zero_point), quantizer.quant_min, quantizer.quant_max
+        float(quantizer.scale.detach()),
+        int(quantizer.zero_point),
+        quantizer.quant_min,
+        quantizer.quant_max,
     )
 
 
@@ -221,7 +224,7 @@ def _weight_codes(
     if following_bn is None:
         # an eval forward computes the scales of the current weights where observing
         fake = quantizer(weight).double()
-        scale, zero_point = quantizer.scale.double(), quantizer.zero_point.long()
+        scale, zero_point = quantizer.scale.detach().double(), quantizer.zero_point.long()
         view = scale.reshape(shape) if quantizer.per_channel else scale
         z = zero_point.reshape(shape) if quantizer.per_channel else zero_point
         codes = torch.round(fake / view).long() + z

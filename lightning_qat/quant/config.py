@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 OBSERVERS = ("ema", "minmax")
+SCALE_INITS = ("minmax", "mse", "lsq")
 MIN_BITS, MAX_BITS = 2, 8
+#: `QuantConfig.layer_bits` patterns naming the first and the last quantized layer (in
+#: call order) whatever the model calls them: the low-bit protocol keeps both at 8 bits.
+FIRST_LAYER, LAST_LAYER = "@first", "@last"
+_BITS_FIELDS = ("weight_bits", "activation_bits")
+
+
+def _check_bits(name: str, bits: object) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"QuantConfig.{name}={bits!r} is not supported: "
+            f"use an integer from {MIN_BITS} to {MAX_BITS}"
+        )
 
 
 @dataclass
@@ -29,6 +44,28 @@ class QuantConfig:
         quantize_first_input: fake-quantize the input of the first quantized layer. The
             reference NIN leaves it float; its range is still observed, for export.
         exclude: module names (``fnmatch`` patterns) left in float.
+        activation_symmetric: the scheme of the activations when it differs from the
+            weights' (``None``: as ``symmetric``). Low-bit QAT quantizes weights
+            symmetrically and activations asymmetrically: after a ReLU a symmetric signed
+            grid spends half its codes on negative values that never occur (at 2 bits it
+            keeps two levels, 0 and s), an asymmetric one puts all ``2^b`` levels on
+            ``[0, max]`` (LSQ+, Bhalgat et al. 2020, section 3).
+        learn_scale: the step sizes (and, for asymmetric activations, the zero points)
+            become trainable Parameters with the gradient of LSQ (Esser et al. 2019) and
+            LSQ+ (Bhalgat et al. 2020) instead of following observed ranges; see
+            `lightning_qat.quant.LearnedScaleFakeQuantize`.
+        scale_init: with ``learn_scale``, where a step size starts when learning begins
+            without a calibrated range: ``"mse"`` (the clipping range with the least
+            quantization error on the first batch / the current weights), ``"minmax"``
+            (their full range) or ``"lsq"`` (``2 mean|x| / sqrt(Qp)``, Esser et al. 2019,
+            section 2.1). Activation ranges calibrated before (the callback's
+            ``calibration_batches``, `lightning_qat.calibrate`) are kept instead.
+        layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
+            widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
+            Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
+            ``"@last"`` for the first and last quantized layer in call order (the
+            low-bit protocol of every LSQ-type paper: both at 8 bits). A later pattern
+            wins where several match; ``activation_bits`` is the layer's input's.
     """
 
     weight_bits: int = 8
@@ -40,24 +77,31 @@ class QuantConfig:
     ema_momentum: float = 0.01
     quantize_first_input: bool = False
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    activation_symmetric: bool | None = None
+    learn_scale: bool = False
+    scale_init: str = "mse"
+    layer_bits: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits"):
-            bits = getattr(self, name)
-            if (
-                isinstance(bits, bool)
-                or not isinstance(bits, int)
-                or not MIN_BITS <= bits <= MAX_BITS
-            ):
-                raise ValueError(
-                    f"QuantConfig.{name}={bits!r} is not supported: "
-                    f"use an integer from {MIN_BITS} to {MAX_BITS}"
-                )
-        for name in ("symmetric", "per_channel", "bn_fold", "quantize_first_input"):
+        for name in _BITS_FIELDS:
+            _check_bits(name, getattr(self, name))
+        for name in ("symmetric", "per_channel", "bn_fold", "quantize_first_input", "learn_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"QuantConfig.{name}={getattr(self, name)!r} must be True or False"
                 )
+        if self.activation_symmetric is not None and not isinstance(
+            self.activation_symmetric, bool
+        ):
+            raise ValueError(
+                f"QuantConfig.activation_symmetric={self.activation_symmetric!r} must be "
+                "True, False or None (as symmetric)"
+            )
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(
+                f"QuantConfig.scale_init={self.scale_init!r} is not one of {', '.join(SCALE_INITS)}"
+            )
+        self.layer_bits = _checked_layer_bits(self.layer_bits)
         if self.observer not in OBSERVERS:
             raise ValueError(
                 f"QuantConfig.observer={self.observer!r} is not one of {', '.join(OBSERVERS)}"
@@ -78,8 +122,55 @@ class QuantConfig:
             if not isinstance(pattern, str):
                 raise ValueError(f"QuantConfig.exclude holds {pattern!r}: use module names (str)")
 
+    @property
+    def activations_symmetric(self) -> bool:
+        """The activations' scheme: ``activation_symmetric``, else ``symmetric``."""
+        return self.symmetric if self.activation_symmetric is None else self.activation_symmetric
+
+    def for_layer(self, name: str, first: bool = False, last: bool = False) -> QuantConfig:
+        """The config of the layer ``name`` (``first``/``last``: in call order), with its
+        `layer_bits` applied; ``self`` where no pattern matches."""
+        changes: dict[str, int] = {}
+        for pattern, bits in self.layer_bits.items():
+            if (
+                (pattern == FIRST_LAYER and first)
+                or (pattern == LAST_LAYER and last)
+                or fnmatch.fnmatchcase(name, pattern)
+            ):
+                changes.update(bits)
+        return replace(self, **changes, layer_bits={}) if changes else self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for checkpoints and loggers); ``QuantConfig(**d)`` restores it."""
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["layer_bits"] = {k: dict(v) for k, v in self.layer_bits.items()}
         return d
+
+
+def _checked_layer_bits(layer_bits: object) -> dict[str, dict[str, int]]:
+    """``{pattern: {"weight_bits": b, "activation_bits": b}}`` from what `QuantConfig`
+    accepts (a mapping of patterns to a bit width or to a mapping of the two fields)."""
+    if not isinstance(layer_bits, Mapping):
+        raise ValueError(
+            f"QuantConfig.layer_bits={layer_bits!r} must map module-name patterns to bits, "
+            'e.g. {"@first": 8, "@last": 8, "layer3.*": {"weight_bits": 4}}'
+        )
+    checked = {}
+    for pattern, bits in layer_bits.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"QuantConfig.layer_bits has the key {pattern!r}: use a name pattern")
+        if isinstance(bits, Mapping):
+            unknown = sorted(str(k) for k in bits if k not in _BITS_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"QuantConfig.layer_bits[{pattern!r}] has {', '.join(unknown)}: "
+                    f"use {' and/or '.join(_BITS_FIELDS)}"
+                )
+            entry = {str(k): v for k, v in bits.items()}
+        else:
+            entry = dict.fromkeys(_BITS_FIELDS, bits)
+        for name, value in entry.items():
+            _check_bits(f"layer_bits[{pattern!r}].{name}", value)
+        checked[pattern] = entry
+    return checked

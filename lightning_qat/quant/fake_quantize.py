@@ -96,30 +96,44 @@ class FakeQuantize(nn.Module):
         self.symmetric = symmetric
         self.quant_min, self.quant_max = quant_range(bits, symmetric)
         self.observe_in_eval = observe_in_eval
-        shape = observer.min_val.shape
-        self.register_buffer("scale", torch.ones(shape))
-        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self._register_qparams(observer.min_val.shape)
         self.fake_quant_enabled = True
         self.observer_enabled = True
         # When a dict, forward adds the number of elements it clipped and saw (the QAT
         # callback samples one batch an epoch; counting costs a pass and a host sync).
         self.clipping_counts: dict[str, int] | None = None
 
+    def _register_qparams(self, shape: torch.Size) -> None:
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+
     @classmethod
     def for_weights(cls, config: QuantConfig, num_channels: int) -> FakeQuantize:
         """Weight quantizer: range of the current weights, per output channel (axis 0)
-        when ``config.per_channel``."""
+        when ``config.per_channel``; a `LearnedScaleFakeQuantize` with
+        ``config.learn_scale``."""
         observer = MinMaxObserver(num_channels if config.per_channel else None, ch_axis=0)
-        return cls(observer, config.weight_bits, config.symmetric, observe_in_eval=True)
+        return _quantizer_class(cls, config)(
+            observer, config.weight_bits, config.symmetric, observe_in_eval=True, **_learned(config)
+        )
 
     @classmethod
     def for_activations(cls, config: QuantConfig) -> FakeQuantize:
-        """Activation quantizer: per tensor, EMA or current-batch min/max."""
+        """Activation quantizer: per tensor, EMA or current-batch min/max; a
+        `LearnedScaleFakeQuantize` with ``config.learn_scale``."""
         if config.observer == "ema":
             observer = MovingAverageMinMaxObserver(config.ema_momentum)
         else:
             observer = MinMaxObserver()
-        return cls(observer, config.activation_bits, config.symmetric)
+        return _quantizer_class(cls, config)(
+            observer, config.activation_bits, config.activations_symmetric, **_learned(config)
+        )
+
+    @property
+    def holds_weights(self) -> bool:
+        """A weight quantizer (its range is a function of the weights, observed in eval
+        too), as opposed to an activation quantizer."""
+        return self.observe_in_eval
 
     @property
     def per_channel(self) -> bool:
@@ -137,6 +151,10 @@ class FakeQuantize(nn.Module):
         self.observer_enabled = enabled
         return self
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` as the forward pass uses them (constants: no gradient)."""
+        return self.scale, self.zero_point
+
     @torch.no_grad()
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the observer's range."""
@@ -147,6 +165,9 @@ class FakeQuantize(nn.Module):
             self.quant_max,
             self.symmetric,
         )
+        self._set_grid(scale, zero_point)
+
+    def _set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
@@ -159,20 +180,23 @@ class FakeQuantize(nn.Module):
             self.update_qparams()
         if not self.fake_quant_enabled:
             return x
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the current grid (no observing), in float32, returned in x's dtype."""
         x32 = x.float()
         if self.clipping_counts is not None:
             self._count_clipped(x32)
+        scale, zero_point = self.grid()
         if self.per_channel:
             out = torch.fake_quantize_per_channel_affine(
-                x32, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+                x32, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max
             )
         elif torch.is_grad_enabled() and x32.requires_grad:
-            out = _PerTensorFakeQuant.apply(
-                x32, self.scale, self.zero_point, self.quant_min, self.quant_max
-            )
+            out = _PerTensorFakeQuant.apply(x32, scale, zero_point, self.quant_min, self.quant_max)
         else:  # inference: no mask to keep, and a plain aten op for tracing and export
             out = torch.fake_quantize_per_tensor_affine(
-                x32, self.scale, self.zero_point, self.quant_min, self.quant_max
+                x32, scale, zero_point, self.quant_min, self.quant_max
             )
         return out.to(x.dtype)
 
@@ -212,3 +236,15 @@ class FakeQuantize(nn.Module):
             f"range=[{self.quant_min}, {self.quant_max}], "
             f"fake_quant={self.fake_quant_enabled}, observer={self.observer_enabled}"
         )
+
+
+def _quantizer_class(cls: type[FakeQuantize], config: QuantConfig) -> type[FakeQuantize]:
+    if not config.learn_scale or cls is not FakeQuantize:
+        return cls
+    from lightning_qat.quant.learned_fake_quantize import LearnedScaleFakeQuantize
+
+    return LearnedScaleFakeQuantize
+
+
+def _learned(config: QuantConfig) -> dict[str, Any]:
+    return {"scale_init": config.scale_init} if config.learn_scale else {}

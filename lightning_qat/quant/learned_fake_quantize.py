@@ -1,0 +1,269 @@
+"""`LearnedScaleFakeQuantize`: fake quantization whose step size is learned (LSQ, LSQ+)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_qat.quant.fake_quantize import FakeQuantize
+from lightning_qat.quant.observer import MovingAverageMinMaxObserver
+from lightning_qat.quant.qparams import MIN_SCALE
+from lightning_qat.quant.range_search import lsq_initial_scale, mse_range
+
+#: Activation elements the MSE search of the first batch looks at (a strided sample:
+#: the search costs a hundred fake-quant passes).
+MSE_SAMPLE = 1 << 18
+
+
+class _LearnedStepFakeQuant(torch.autograd.Function):
+    """``x_hat = s (clamp(round(x/s) + z, qmin, qmax) - z)`` with LSQ's gradients for
+    ``s`` and ``z`` (see `LearnedScaleFakeQuantize`).
+
+    The forward pass is torch's fused cachemask kernel, the one `FakeQuantize` uses, so
+    the codes are bit for bit those of the observer-based quantizer on the same grid.
+    The backward pass is written out rather than taken from torch's
+    ``_fake_quantize_learnable_*`` kernels, whose backward (torch 2.14) turns a negative
+    integer zero point into the next one up (``z = -2`` is differentiated as ``-1``;
+    tests/test_learned_scale.py measures ours against the formula). Per element, with
+    ``m`` the in-range mask: ``d/ds = (x_hat - m x) / s`` (``round(x/s) - x/s`` inside,
+    ``qmin - z`` / ``qmax - z`` where clipped), ``d/dz = -s (1 - m)``; both summed per
+    step size and multiplied by ``g``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, learned_zero_point, zero_point, axis, quant_min, quant_max, g):  # type: ignore[override]
+        if axis is None:
+            enabled = torch.ones(1, dtype=torch.long, device=x.device)
+            out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, scale.detach(), zero_point, enabled, quant_min, quant_max
+            )
+        else:
+            out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+                x, scale.detach(), zero_point, axis, quant_min, quant_max
+            )
+        ctx.save_for_backward(x, out, mask, scale)
+        ctx.axis, ctx.g, ctx.has_zero_point = axis, g, learned_zero_point is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, out, mask, scale = ctx.saved_tensors
+        grad, out = _strided_like(grad, x), _strided_like(out, x)
+        grad_x = torch.where(mask, grad, 0.0)
+        s = scale.detach()
+        if ctx.axis is None:
+            # sum(grad (x_hat - m x)) as two dot products over the tensors' memory: no
+            # temporaries (an activation is the size of a batch)
+            g_flat, gx_flat = _flat(grad), _flat(grad_x)
+            moved = torch.dot(g_flat, _flat(out)) - torch.dot(gx_flat, _flat(x))
+            clipped = g_flat.sum() - gx_flat.sum()
+        else:  # weights: small
+            dims = [d for d in range(x.dim()) if d != ctx.axis]
+            moved = (grad * out - grad_x * x).sum(dim=dims)
+            clipped = (grad - grad_x).sum(dim=dims)
+        grad_scale = (ctx.g * moved / s.reshape(-1)).reshape(scale.shape)
+        grad_zero_point = None
+        if ctx.has_zero_point:
+            grad_zero_point = (-ctx.g * clipped * s.reshape(-1)).reshape(scale.shape)
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
+
+
+def _strided_like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out in memory as ``reference`` (the dot products pair elements by
+    memory order): a gradient may arrive contiguous for a channels_last activation."""
+    if t.stride() == reference.stride():
+        return t
+    return torch.empty_like(reference).copy_(t)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-d view in memory order (a copy only if ``t`` has gaps)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).reshape(-1)
+
+
+class LearnedScaleFakeQuantize(FakeQuantize):
+    """Fake quantization with a trainable step size: LSQ (Esser et al. 2019, arXiv
+    1902.08153) and, for asymmetric grids, LSQ+'s learned offset (Bhalgat et al. 2020,
+    arXiv 2004.09576).
+
+    Forward is `FakeQuantize`'s: ``x_hat = s (clamp(round(x / s) + z, qmin, qmax) - z)``,
+    with ``z = clamp(round(z_learned), qmin, qmax)``, so the deployed integer model computes
+    the same codes. Backward (LSQ section 2.1, eq. 3; `_LearnedStepFakeQuant`):
+
+    - ``d x_hat / d x = 1`` inside the clamp range, 0 outside (straight-through);
+    - ``d x_hat / d s = round(x/s) - x/s`` inside, ``qmin - z`` or ``qmax - z`` where
+      clipped below or above: the step size learns the trade-off between rounding error
+      and clipping error from the loss itself;
+    - ``d x_hat / d z = -s`` where clipped, 0 inside (the LSQ+ offset ``β = -s z``, kept
+      on the integer grid so that it deploys as a zero point);
+    - both scaled by ``g = 1 / sqrt(N Qp)`` (LSQ section 2.2), ``N`` the elements one
+      step size quantizes (per output channel for per-channel weights, per sample for
+      activations) and ``Qp`` the positive levels (``qmax`` symmetric, ``qmax - qmin``
+      asymmetric), so that step sizes and weights learn at comparable relative rates.
+
+    ``scale`` (and, asymmetric, ``learned_zero_point``) are Parameters; ``zero_point``
+    is the rounded int32 code as for `FakeQuantize`. Until learning starts the quantizer
+    is observer-based: calibration (`lightning_qat.calibrate`, the callback's
+    ``calibration_batches``) and evaluation before training set the grid from observed
+    ranges. Learning starts at the first training forward with gradients, the observer
+    and fake quantization enabled: a weight step size starts from the weight being
+    quantized (the folded weight where BN is folded) by ``scale_init``; an activation
+    keeps its calibrated range, or starts from its first batch by ``scale_init``. From
+    then on the observer no longer moves the grid; disabling the observer
+    (``freeze_observer_epoch``) stops the learning (the step size is then constant).
+    """
+
+    def __init__(
+        self,
+        observer: MovingAverageMinMaxObserver,
+        bits: int = 8,
+        symmetric: bool = True,
+        observe_in_eval: bool = False,
+        scale_init: str = "mse",
+    ):
+        self.scale_init = scale_init
+        super().__init__(observer, bits, symmetric, observe_in_eval)
+        self.learning = False
+
+    def _register_qparams(self, shape: torch.Size) -> None:
+        self.scale = nn.Parameter(torch.ones(shape))
+        if not self.symmetric:
+            self.learned_zero_point = nn.Parameter(torch.zeros(shape))
+
+    @property
+    def zero_point(self) -> torch.Tensor:  # type: ignore[override]
+        """The zero point the forward pass uses: ``clamp(round(z_learned), qmin, qmax)``
+        (int32), zeros for a symmetric grid."""
+        if self.symmetric:
+            return torch.zeros(self.scale.shape, dtype=torch.int32, device=self.scale.device)
+        z = torch.round(self.learned_zero_point.detach()).clamp(self.quant_min, self.quant_max)
+        return z.to(torch.int32)
+
+    def enable_fake_quant(self, enabled: bool = True) -> LearnedScaleFakeQuantize:
+        """Also marks the grid Parameters trainable or not: a quantizer that only observes
+        (the float input of the first layer) gives them no gradient, and DDP registers
+        only those that get one."""
+        super().enable_fake_quant(enabled)
+        for parameter in self.parameters(recurse=False):
+            parameter.requires_grad_(enabled)
+        return self
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale.detach(), self.zero_point
+
+    @property
+    def positive_levels(self) -> int:
+        """``Qp`` of LSQ: the codes above the zero point of a range starting at 0."""
+        return self.quant_max if self.symmetric else self.quant_max - self.quant_min
+
+    def _set_grid(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """The observed grid into the Parameters (before learning starts)."""
+        self.scale.data.copy_(scale)
+        if not self.symmetric:
+            self.learned_zero_point.data.copy_(zero_point.float())
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def start_learning(self, x: torch.Tensor) -> None:
+        """Initialise the step size for learning from ``x`` (see the class doc) and stop
+        following the observer."""
+        ch_axis = self.ch_axis if self.per_channel else None
+        calibrated = bool(torch.isfinite(self.observer.min_val).all())
+        if self.holds_weights or not calibrated:
+            values = x.detach().float()
+            if not self.holds_weights and values.numel() > MSE_SAMPLE:
+                values = values.flatten()[:: math.ceil(values.numel() / MSE_SAMPLE)]
+            if self.scale_init == "lsq":
+                scale = lsq_initial_scale(values, self.positive_levels, ch_axis)
+                if self.symmetric:
+                    low, high = -scale * self.quant_max, scale * self.quant_max
+                else:  # LSQ's step over a range that starts at the minimum of x
+                    low = _range_min(values, ch_axis).clamp(max=0)
+                    high = low + scale * self.positive_levels
+            elif self.scale_init == "mse":
+                low, high = mse_range(
+                    values, self.quant_min, self.quant_max, self.symmetric, ch_axis
+                )
+            else:
+                low, high = _range_min(values, ch_axis), _range_max(values, ch_axis)
+            if not self.holds_weights and _distributed(self.observer.sync):
+                # each rank saw its own first batch: start every rank from their mean
+                bounds = torch.stack([low, high])
+                dist.all_reduce(bounds)
+                low, high = bounds / dist.get_world_size()
+            self.observer.min_val.copy_(low)
+            self.observer.max_val.copy_(high)
+        self.update_qparams()
+        self.learning = True
+
+    def gradient_scale(self, x: torch.Tensor) -> float:
+        """``g = 1 / sqrt(N Qp)`` (LSQ section 2.2)."""
+        if self.holds_weights:
+            elements = x.numel() // (self.scale.numel() if self.per_channel else 1)
+        else:  # activations: the features of one sample
+            elements = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(elements, 1) * self.positive_levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.training and torch.is_grad_enabled()
+        learning_now = training and self.observer_enabled and self.fake_quant_enabled
+        if learning_now and not self.learning:
+            self.start_learning(x)
+        if not self.learning:
+            return super().forward(x)  # observer-based, on the detached grid (see `grid`)
+        if not self.fake_quant_enabled:
+            return x
+        # Frozen (observer disabled) or evaluating: the grid is constant. Under DDP a
+        # frozen step size still gets a zero gradient: DDP expects one for every Parameter
+        # it registered (the callback drops these gradients before the optimizer step).
+        if not (learning_now or (training and self.observer.sync)):
+            return self.fake_quantize(x)
+        x32 = x.float()
+        if self.clipping_counts is not None:
+            self._count_clipped(x32)
+        if learning_now:
+            with torch.no_grad():  # an optimizer step may have pushed them off the grid
+                self.scale.clamp_(min=MIN_SCALE)
+                if not self.symmetric:
+                    self.learned_zero_point.clamp_(self.quant_min, self.quant_max)
+        zero_point = None if self.symmetric else self.learned_zero_point
+        factor = self.gradient_scale(x32) if learning_now else 0.0
+        out = _LearnedStepFakeQuant.apply(
+            x32,
+            self.scale,
+            zero_point,
+            self.zero_point,
+            self.ch_axis if self.per_channel else None,
+            self.quant_min,
+            self.quant_max,
+            factor,
+        )
+        return out.to(x.dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "learning": self.learning}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.enable_fake_quant(self.fake_quant_enabled)
+        self.learning = bool(state.get("learning", False))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, learned_scale, learning={self.learning}"
+
+
+def _distributed(sync: bool) -> bool:
+    return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _range_min(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    return x.min() if ch_axis is None else x.movedim(ch_axis, 0).flatten(1).amin(dim=1)
+
+
+def _range_max(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    return x.max() if ch_axis is None else x.movedim(ch_axis, 0).flatten(1).amax(dim=1)
