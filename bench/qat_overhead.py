@@ -4,7 +4,8 @@
     python bench/qat_overhead.py --compile       # torch.compile (inductor) of every variant
     python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
 
-Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN; torch.ao
+Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN, and W4A4
+with learned step sizes (LSQ, `QuantConfig(learn_scale=True)`, folded BN); torch.ao
 eager QAT (fused ConvBnReLU2d, default fbgemm QAT qconfig) where torch still ships it.
 The variants are timed round-robin (one step of each per round) so that load on this
 shared machine hits them alike, and the median step per variant is reported.
@@ -41,6 +42,15 @@ from torch_ao_baselines import torch_ao_qat
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.app.models import NIN, NIN_WIDTHS
 
+#: Learned step sizes at 4 bits as the low-bit recipes use them (conf/quant/w4a4_lsq.yaml).
+LSQ_W4A4 = QuantConfig(
+    weight_bits=4,
+    activation_bits=4,
+    activation_symmetric=False,
+    learn_scale=True,
+    layer_bits={"@first": 8, "@last": 8},
+)
+
 
 def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:
     def ours(symmetric: bool, bn_fold: bool) -> Callable[[], nn.Module]:
@@ -54,6 +64,7 @@ def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:
         "ours sym unfolded": ours(True, False),
         "ours asym folded": ours(False, True),
         "ours asym unfolded": ours(False, False),
+        "ours LSQ W4A4": lambda: prepare_qat(NIN(widths=widths), LSQ_W4A4),
         "torch.ao eager QAT": lambda: torch_ao_qat(NIN(widths=widths)),
     }
 

@@ -104,6 +104,25 @@ def test_w4a8_recipe_has_4bit_weights(composed):
     assert cfg.qat.start_epoch == 20  # inherited from resnet20_qat
 
 
+LOW_BIT = sorted(
+    p.stem for p in (ROOT / "conf" / "quant").glob("w?a?*.yaml") if "fold" not in p.stem
+)
+
+
+@pytest.mark.parametrize("quant", LOW_BIT)
+def test_low_bit_variants_keep_the_first_and_last_layers_at_8_bits(composed, quant):
+    cfg = composed("recipe=resnet20_lowbit_cpu", f"quant={quant}", "init_checkpoint=x.ckpt")
+    config = instantiate(cfg.qat, OmegaConf.to_container(cfg.quant)).config
+    weight_bits, activation_bits = int(quant[1]), int(quant[3])
+    assert (config.weight_bits, config.activation_bits) == (weight_bits, activation_bits)
+    assert config.learn_scale == quant.endswith("_lsq")
+    assert config.symmetric and config.activation_symmetric is False
+    assert config.for_layer("model.conv", first=True).weight_bits == 8
+    assert config.for_layer("model.fc", last=True).activation_bits == 8
+    ptq = composed("recipe=resnet20_lowbit_ptq_cpu", f"quant={quant}", "init_checkpoint=x.ckpt")
+    assert ptq.ptq.method == "mse"
+
+
 def test_help_lists_the_recipes(tmp_path):
     out = train("--help", cwd=tmp_path).stdout
     assert "recipe: " + ", ".join(RECIPES) in out
@@ -250,9 +269,10 @@ def test_two_job_multirun_and_report(tmp_path):
     ).stdout
     rows = [line for line in report.splitlines() if line.startswith("| digits_qat")]
     assert len(rows) == 2 and "| none |" in rows[0] and "| asym_unfold |" in rows[1]
-    # 15 columns, the integer-only and ONNX int8 accuracies among them
-    assert rows[1].count("|") == rows[0].count("|") == 16
-    onnx_acc = float(rows[1].split("|")[9])
+    # 17 columns, the bit widths and the integer-only and ONNX int8 accuracies among them
+    assert rows[1].count("|") == rows[0].count("|") == 18
+    assert "| W8A8 | QAT, observers |" in rows[1] and "| FP32 | FP32 |" in rows[0]
+    onnx_acc = float(rows[1].split("|")[11])
     results = json.loads(next(sweep.glob("1_*/results.json")).read_text())
     assert onnx_acc == round(100 * results["onnx_test_acc"], 2)
     for png in ("accuracy.png", "curves.png"):

@@ -2,8 +2,10 @@
 
 Reads every run's ``results.json`` (and its CSV metrics) below the directory and writes
 ``report.md`` (one row per variant, like the reference table of DESIGN.md section 4),
-``accuracy.png`` (test accuracy per variant) and ``curves.png`` (validation accuracy per
-epoch, the QAT start and the freezes marked).
+``accuracy.png`` (test accuracy per variant), ``curves.png`` (validation accuracy per
+epoch, the QAT start and the freezes marked) and, where runs differ in bit width,
+``bits.png`` (accuracy against bit width, one line per method: PTQ, QAT with observed
+ranges, QAT with learned step sizes).
 """
 
 from __future__ import annotations
@@ -68,23 +70,51 @@ def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
     )
 
 
+def bit_width(run: dict[str, Any]) -> str:
+    """``W4A4`` and what ``layer_bits`` sets apart (``W4A4 (@first 8-bit, @last 8-bit)``),
+    ``FP32`` for a float run."""
+    quant = run.get("quant")
+    if quant is None:
+        return "FP32"
+    label = f"W{quant['weight_bits']}A{quant['activation_bits']}"
+    kept = [f"{pattern} {_bits(bits)}" for pattern, bits in (quant.get("layer_bits") or {}).items()]
+    return label + (f" ({', '.join(kept)})" if kept else "")
+
+
+def _bits(bits: Any) -> str:
+    if isinstance(bits, dict):
+        return "".join(f"{k[0].upper()}{v}" for k, v in bits.items())
+    return f"{bits}-bit"
+
+
+def method(run: dict[str, Any]) -> str:
+    """How the grid was found: ``PTQ (<method>)``, ``QAT, LSQ`` or ``QAT, observers``."""
+    if run.get("quant") is None:
+        return "FP32"
+    if run.get("ptq"):
+        return f"PTQ ({run['ptq']['method']})"
+    return "QAT, LSQ" if run["quant"].get("learn_scale") else "QAT, observers"
+
+
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     """One row per run: accuracies in percent, FP32 rows first, then by variant."""
     runs = sorted(runs, key=lambda r: (r.get("quant") is not None, r["variant"]))
     fp32 = [r["test_acc"] for r in runs if r.get("quant") is None]
     baseline = max(fp32) if fp32 else None
     lines = [
-        "| recipe | variant | test acc (%) | vs FP32 | fake-quant (%) | same weights in float (%) "
+        "| recipe | variant | bits | method | test acc (%) | vs FP32 | fake-quant (%) "
+        "| same weights in float (%) "
         "| integer-only (%) | int = fake-quant top-1 (%) | ONNX int8 (%) "
         "| ONNX = fake-quant top-1 (%) | params | MACs | size FP32 (KB) | size int (KB) "
         "| time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         delta = "-" if baseline is None else f"{100 * (r['test_acc'] - baseline):+.2f}"
         size_int = r.get("size_int_bytes")
         lines.append(
-            f"| {r['recipe']} | {r['variant']} | {_pct(r['test_acc'])} | {delta} "
+            f"| {r['recipe']} | {r['variant']} | {bit_width(r)} | {method(r)} "
+            f"| {_pct(r['test_acc'])} | {delta} "
             f"| {_pct(r.get('fake_quant_test_acc'))} | {_pct(r.get('float_test_acc'))} "
             f"| {_deployed_cell(r, 'integer', 'test_acc')} "
             f"| {_deployed_cell(r, 'integer', 'agreement')} "
@@ -109,6 +139,38 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_bits(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Test accuracy against bit width, one line per method, FP32 as a horizontal line;
+    False (nothing written) where every quantized run has the same widths."""
+    quantized = [r for r in runs if r.get("quant") is not None]
+    widths = {(r["quant"]["weight_bits"], r["quant"]["activation_bits"]) for r in quantized}
+    if len(widths) < 2:
+        return False
+    order = sorted(widths, key=lambda w: (-w[0] - w[1], -w[0]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(sorted({method(r) for r in quantized})):
+        points = {}
+        for r in quantized:
+            if method(r) == name:
+                key = (r["quant"]["weight_bits"], r["quant"]["activation_bits"])
+                points[order.index(key)] = max(points.get(order.index(key), 0), r["test_acc"])
+        xs = sorted(points)
+        ax.plot(xs, [100 * points[x] for x in xs], marker="o", color=f"C{i}", label=name)
+    for r in runs:
+        if r.get("quant") is None:
+            ax.axhline(100 * r["test_acc"], color="grey", linestyle="--", label="FP32")
+            break
+    ax.set_xticks(range(len(order)), [f"W{w}A{a}" for w, a in order])
+    ax.set_xlabel("bit width (weights, activations)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{runs[0]['recipe']}: accuracy against bit width")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
@@ -151,6 +213,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     runs = load_runs(sweep_dir)
     plot_accuracy(runs, out_dir / "accuracy.png")
     plot_curves(runs, out_dir / "curves.png")
+    bits = plot_bits(runs, out_dir / "bits.png")
     report = out_dir / "report.md"
     report.write_text(
         f"# {sweep_dir}\n\n{markdown_table(runs)}\n"
@@ -160,6 +223,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
         "int8: the QDQ export (lightning_qat.export.to_onnx) in onnxruntime. vs FP32: "
         "points against the best FP32 row of this sweep.\n\n"
         "![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
+        + ("\n![accuracy against bit width](bits.png)\n" if bits else "")
     )
     return report
 

@@ -1,0 +1,51 @@
+"""The report of a low-bit sweep: a bit-width and a method column, and accuracy against
+bit width drawn one line per method."""
+
+import json
+
+from lightning_qat.app.report import bit_width, markdown_table, method, write_report
+
+
+def result(variant, acc, bits=None, learn=False, ptq=None):
+    quant = None
+    if bits is not None:
+        quant = {
+            "weight_bits": bits,
+            "activation_bits": bits,
+            "learn_scale": learn,
+            "layer_bits": {"@first": {"weight_bits": 8, "activation_bits": 8}},
+        }
+    return {
+        "recipe": "resnet20_lowbit_cpu",
+        "variant": variant,
+        "quant": quant,
+        "ptq": {"method": ptq} if ptq else None,
+        "test_acc": acc,
+        "params": 1,
+        "macs": 1,
+        "size_fp32_bytes": 1024,
+        "wall_time_s": 1.0,
+    }
+
+
+def test_low_bit_sweep_reports_bits_methods_and_a_bits_plot(tmp_path):
+    runs = [
+        result("none", 0.72),
+        result("w4a4", 0.70, 4),
+        result("w4a4_lsq", 0.715, 4, learn=True),
+        result("w2a2_lsq", 0.66, 2, learn=True),
+        result("w2a2", 0.40, 2),
+        result("ptq_mse/w2a2", 0.10, 2, ptq="mse"),
+    ]
+    for index, run in enumerate(runs):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(run))
+    assert bit_width(runs[0]) == "FP32" and bit_width(runs[1]).startswith("W4A4 (@first")
+    assert [method(r) for r in runs[1:4:2]] == ["QAT, observers", "QAT, LSQ"]
+    assert method(runs[-1]) == "PTQ (mse)"
+    table = markdown_table([{**r, "run_dir": "x"} for r in runs])
+    assert "| w2a2_lsq | W2A2 (@first W8A8) | QAT, LSQ |" in table and "| -6.00 |" in table
+    report = write_report(tmp_path).read_text()
+    assert "bits.png" in report
+    assert (tmp_path / "bits.png").read_bytes()[:4] == b"\x89PNG"
