@@ -26,6 +26,7 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
         "ours sym unfolded",
         "ours asym folded",
         "ours asym unfolded",
+        "ours LSQ W4A4",
         "torch.ao eager QAT",
     ):
         assert f"| {variant} |" in out, out
