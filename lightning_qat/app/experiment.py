@@ -26,7 +26,7 @@ from lightning_qat.dashboard import log_table
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
 from lightning_qat.model_stats import count_macs, model_size_bytes
 from lightning_qat.nonfinite_guard import NonFiniteGuard
-from lightning_qat.prepare import prepare_qat, quantizers
+from lightning_qat.prepare import prepare_qat, quantizer_parameters, quantizers
 from lightning_qat.quant import QuantConfig
 
 
@@ -243,7 +243,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "test_acc": tested["test_acc"],
         "test_images": len(datamodule.test_set),
-        "params": sum(p.numel() for p in module.model.parameters()),
+        # the model's weights: learned step sizes (learn_scale) are not counted
+        "params": sum(p.numel() for p in module.model.parameters())
+        - sum(p.numel() for p in quantizer_parameters(module.model)),
         "macs": macs,
         "size_fp32_bytes": fp32_bytes,
     }
