@@ -402,6 +402,8 @@ class QuantizationAwareTraining(L.Callback):
         (quantizers created after it wrapped the model), and drop the zero gradients of
         frozen ones (given only because DDP expects a gradient for each of its
         Parameters) so that no optimizer moves them by momentum or weight decay."""
+        if not self.config.learn_scale:  # nothing to do, every step: skip the module walk
+            return
         if trainer.world_size > 1 and self._unregistered_parameters:
             for parameter in self._unregistered_parameters:
                 if parameter.grad is not None:
