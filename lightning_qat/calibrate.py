@@ -164,10 +164,17 @@ def calibrate(
             for hook in hooks:
                 hook.remove()
 
+    unseen = [name for name, c in collectors.items() if c.min is None]
+    if unseen and len(unseen) == len(collectors):
+        raise ValueError("calibrate: no quantizer saw data (an empty dataloader?)")
+    if unseen:
+        raise ValueError(
+            f"calibrate: {', '.join(unseen)} saw no data while the others did: the "
+            "model's forward never calls them (a module whose weight is read directly, "
+            "or a fused path that bypasses it)"
+        )
     for name, quantizer in quantizers.items():
         c = collectors[name]
-        if c.min is None:
-            raise ValueError(f"calibrate: {name} saw no data (empty dataloader?)")
         low, high = c.min, c.max
         if method in ("percentile", "kl"):
             width = max(c.abs_max, 1e-12) / HISTOGRAM_BINS

@@ -20,7 +20,7 @@ from lightning_qat.calibrate import METHODS as CALIBRATION_METHODS
 from lightning_qat.calibrate import batch_input, calibrate
 from lightning_qat.dashboard import layer_metric, log_table
 from lightning_qat.graph import INPUT_QUANTIZER, OUTPUT_QUANTIZER
-from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBn2d
+from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, QuantConvBnMixin
 from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
     ConversionPlan,
@@ -359,7 +359,7 @@ class QuantizationAwareTraining(L.Callback):
             self.phase = "qat"
             if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
                 for layer in pl_module.modules():
-                    if isinstance(layer, QuantConvBn2d):
+                    if isinstance(layer, QuantConvBnMixin):
                         layer.freeze_bn()
                 self.phase = "bn_frozen"
             if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
@@ -644,7 +644,7 @@ class QuantizationAwareTraining(L.Callback):
                 (
                     name,
                     type(layer).__name__,
-                    "folded" if isinstance(layer, QuantConvBn2d) else "-",
+                    "folded" if isinstance(layer, QuantConvBnMixin) else "-",
                     f"int{w.bits} {'per-channel' if w.per_channel else 'per-tensor'}{_lsq(w)}",
                     f"int{a.bits}{_lsq(a)}" if a.fake_quant_enabled else "float (observed)",
                     "symmetric" if w.symmetric else "asymmetric",
@@ -664,6 +664,9 @@ class QuantizationAwareTraining(L.Callback):
                     "read by " + ", ".join(point.readers),
                 )
             )
+        for module in self._plan.left_float if self._plan is not None else []:
+            name = module.name or type(pl_module).__name__
+            rows.append((name, module.kind, "-", "float", "float", module.reason))
         return ("layer", "kind", "BN", "weight", "activation", "scheme"), rows
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
@@ -713,9 +716,10 @@ def _lsq(quantizer: nn.Module) -> str:
 
 
 def is_quantizer_key(key: str) -> bool:
-    """Whether a state_dict key belongs to a quantizer (a converted model's extra state)."""
-    parts = ("activation_quantizer", "weight_quantizer", "output_quantizer", "input_quantizer")
-    return any(f".{part}." in key for part in parts)
+    """Whether a state_dict key belongs to a quantizer (a converted model's extra state):
+    every quantizer is registered under a name ending in ``quantizer``
+    (``activation_quantizer``, ``output_quantizer``, an attention's ``key_quantizer``)."""
+    return any(part.endswith("quantizer") for part in key.split(".")[:-1])
 
 
 def _is_converted(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_qat.float_modules import FloatModule, float_modules
 from lightning_qat.graph import (
     INPUT_QUANTIZER,
     OUTPUT_QUANTIZER,
@@ -23,22 +24,38 @@ from lightning_qat.graph import (
 )
 from lightning_qat.graph.trace import module_device
 from lightning_qat.nn import (
+    FOLDED_FORM,
+    QUANTIZED_FORM,
     QUANTIZED_LAYERS,
     FoldedBatchNorm2d,
-    QuantConv2d,
-    QuantConvBn2d,
-    QuantLinear,
+    QuantMultiheadAttention,
+    attention_unsupported,
+    keep_module_paths,
 )
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
-FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
-#: What can be folded: BatchNorm2d, and SyncBatchNorm (Lightning's sync_batchnorm=True
-#: converts BatchNorm2d to it before training starts).
-FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+FLOAT_LAYERS = tuple(QUANTIZED_FORM)
+#: The BatchNorms folded into each kind of convolution: SyncBatchNorm too (Lightning's
+#: sync_batchnorm=True converts BatchNorms to it before training starts).
+FOLDING = {
+    nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
+    nn.Conv1d: (nn.BatchNorm1d, nn.SyncBatchNorm),
+}
+FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def quantized_form(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized layer class that replaces the float ``module``, or ``None`` (not a
+    layer lightning-qat quantizes, already quantized, or an attention it cannot)."""
+    if isinstance(module, QUANTIZED_LAYERS):
+        return None
+    if isinstance(module, nn.MultiheadAttention) and attention_unsupported(module):
+        return None
+    return next((q for f, q in QUANTIZED_FORM.items() if isinstance(module, f)), None)
 
 
 def _is_float_layer(module: nn.Module) -> bool:
-    return isinstance(module, FLOAT_LAYERS) and not isinstance(module, QUANTIZED_LAYERS)
+    return quantized_form(module) is not None
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
@@ -46,29 +63,66 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    norms = next((b for c, b in FOLDING.items() if isinstance(conv, c)), ())
     return (
-        type(bn) in FOLDABLE_BN  # not subclasses, whose forward may differ
+        type(bn) in norms  # not subclasses, whose forward may differ
         and bn.track_running_stats
         and _is_float_layer(conv)
-        and isinstance(conv, nn.Conv2d)
         and bn.num_features == conv.out_channels
     )
 
 
-def _trace_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
-    """Conv->BN pairs and the order of conv/linear calls, from a torch.fx trace.
+@dataclass
+class _Analysis:
+    """What tracing finds: the foldable (conv, bn) pairs, the order of the layer calls,
+    the modules that did not trace (with the error), and the attentions called as
+    ``mha(x, x, x)``."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+    untraced: list[tuple[str, Exception]] = field(default_factory=list)
+    self_attention: set[str] = field(default_factory=set)
+
+    def extend(self, other: _Analysis) -> None:
+        self.pairs += other.pairs
+        self.order += other.order
+        self.untraced += other.untraced
+        self.self_attention |= other.self_attention
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    """Whether a module that is not itself a layer holds float layers to quantize (an
+    attention left float does not: it reads its ``out_proj``'s weight, never calls it)."""
+    return not isinstance(module, (nn.MultiheadAttention, *QUANTIZED_LAYERS)) and any(
+        _is_float_layer(m) for m in module.modules()
+    )
+
+
+def _trace(model: nn.Module, prefix: str) -> _Analysis:
+    """`_Analysis` of ``model`` from a torch.fx trace (raises where it does not trace).
 
     A pair is folded only when the BN's input is the conv's output and nothing else reads
-    that output, and each module is called once (a reused module cannot be folded).
+    that output, and each module is called once (a reused module cannot be folded). A
+    module torch.fx keeps whole that holds layers (torch's ``TransformerEncoder``) is
+    analysed on its own, its layers in the order at its call.
     """
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
     calls = [n for n in graph.nodes if n.op == "call_module"]
     times_called = Counter(n.target for n in calls)
-    order = list(dict.fromkeys(n.target for n in calls if _is_float_layer(modules[n.target])))
-    pairs = []
+    found = _Analysis()
     for node in calls:
-        if not isinstance(modules[node.target], FOLDABLE_BN) or not node.args:
+        name = _prefixed(prefix, node.target)
+        module = modules[node.target]
+        if _is_float_layer(module) and name not in found.order:
+            found.order.append(name)
+        elif _holds_layers(module) and times_called[node.target] == 1:
+            found.extend(_analyse(module, name))
+        if isinstance(module, nn.MultiheadAttention):
+            inputs = [*node.args, *node.kwargs.values()][:3]
+            if len(inputs) == 3 and inputs[0] is inputs[1] is inputs[2]:
+                found.self_attention.add(name)
+        if not isinstance(module, FOLDABLE_BN) or not node.args:
             continue
         src = node.args[0]
         if (
@@ -77,49 +131,52 @@ def _trace_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
             and len(src.users) == 1
             and times_called[src.target] == 1
             and times_called[node.target] == 1
-            and _foldable(modules[src.target], modules[node.target])
+            and _foldable(modules[src.target], module)
         ):
-            pairs.append((src.target, node.target))
-    return pairs, order
+            found.pairs.append((_prefixed(prefix, src.target), name))
+    return found
 
 
 def _prefixed(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _analyse(
-    model: nn.Module, prefix: str = ""
-) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, Exception]]]:
-    """Foldable pairs, conv/linear call order and the modules that did not trace.
+#: Where torch's own transformer layers call their attentions: (layer, attribute) ->
+#: called as self-attention.
+_TRANSFORMER_ATTENTIONS = {
+    (nn.TransformerEncoderLayer, "self_attn"): True,
+    (nn.TransformerDecoderLayer, "self_attn"): True,
+    (nn.TransformerDecoderLayer, "multihead_attn"): False,
+}
+
+
+def _analyse(model: nn.Module, prefix: str = "") -> _Analysis:
+    """Foldable pairs, layer call order, the modules that did not trace, self-attentions.
 
     Traces ``model`` whole; where that fails (data-dependent control flow, say), traces
     each child on its own, so only the untraceable modules' own direct Conv->BN pairs are
     missed. Inside a plain `nn.Sequential`, adjacent Conv->BN children are a pair whatever
-    happens: its forward calls them in order.
+    happens: its forward calls them in order. torch's transformer layers do not trace
+    (their fused fast path branches on the input); how they call their attentions is
+    known.
     """
     try:
-        pairs, order = _trace_pairs(model)
-        return (
-            [(_prefixed(prefix, c), _prefixed(prefix, b)) for c, b in pairs],
-            [_prefixed(prefix, n) for n in order],
-            [],
-        )
+        return _trace(model, prefix)
     except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
-        pairs, order, untraced = [], [], [(prefix, err)]
+        found = _Analysis(untraced=[(prefix, err)])
     children = list(model.named_children())
     for name, child in children:
         if _is_float_layer(child):
-            order.append(_prefixed(prefix, name))
-        else:
-            sub_pairs, sub_order, sub_untraced = _analyse(child, _prefixed(prefix, name))
-            pairs += sub_pairs
-            order += sub_order
-            untraced += sub_untraced
+            found.order.append(_prefixed(prefix, name))
+            if _TRANSFORMER_ATTENTIONS.get((type(model), name)):
+                found.self_attention.add(_prefixed(prefix, name))
+        elif not isinstance(child, nn.MultiheadAttention):  # it reads out_proj's weight
+            found.extend(_analyse(child, _prefixed(prefix, name)))
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
             if _foldable(conv, bn):
-                pairs.append((_prefixed(prefix, conv_name), _prefixed(prefix, bn_name)))
-    return pairs, order, untraced
+                found.pairs.append((_prefixed(prefix, conv_name), _prefixed(prefix, bn_name)))
+    return found
 
 
 def _warn_unfolded(
@@ -156,9 +213,9 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     whose only input is a conv whose only reader is that BN. Modules that do not trace are
     searched child by child (see `_analyse`), with a warning naming the BatchNorms missed.
     """
-    pairs, _, untraced = _analyse(model)
-    _warn_unfolded(model, untraced, pairs)
-    return pairs
+    found = _analyse(model)
+    _warn_unfolded(model, found.untraced, found.pairs)
+    return found.pairs
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -169,17 +226,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 @dataclass
 class ConversionPlan:
     """What `prepare_qat` will do: the layers to quantize, in call order, the (conv, bn)
-    pairs to fold, and where the activations are quantized beyond each layer's own input
+    pairs to fold, where the activations are quantized beyond each layer's own input
     (`lightning_qat.graph.Placement`: residual adds, concatenations, tensors several
-    layers read)."""
+    layers read), the modules holding weights that stay float (and why), and the
+    attentions called as self-attention (one input quantizer)."""
 
     layers: list[str]
     pairs: list[tuple[str, str]]
     placement: Placement = field(default_factory=Placement)
+    left_float: list[FloatModule] = field(default_factory=list)
+    self_attention: set[str] = field(default_factory=set)
 
     @property
     def folded(self) -> dict[str, str]:
         return dict(self.pairs)
+
+
+#: torch modules that torch.fx cannot trace and whose forward is known: containers, and
+#: the transformer layers, whose residual adds feed a LayerNorm (a float island), so
+#: nothing between their children is to quantize.
+KNOWN_UNTRACEABLE = (
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
 
 
 def _place(model: nn.Module, layers: list[str]) -> Placement:
@@ -191,10 +265,14 @@ def _place(model: nn.Module, layers: list[str]) -> Placement:
     placement, untraced = Placement(), []
 
     def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            return  # quantized as a whole (QuantMultiheadAttention), or float and named
         try:
             traced = trace(module)
         except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
-            untraced.append(f"{prefix or type(model).__name__} ({type(err).__name__}: {err})")
+            if not isinstance(module, KNOWN_UNTRACEABLE):
+                where = prefix or type(model).__name__
+                untraced.append(f"{where} ({type(err).__name__}: {err})")
             for name, child in module.named_children():
                 visit(child, _prefixed(prefix, name))
             return
@@ -204,6 +282,8 @@ def _place(model: nn.Module, layers: list[str]) -> Placement:
         placement.tensor_quantizers.extend(found.tensor_quantizers)
         placement.float_ops.extend(found.float_ops)
         placement.unquantized.extend(found.unquantized)
+        for name in found.opaque:  # modules torch.fx kept whole that hold layers
+            visit(module.get_submodule(name), _prefixed(prefix, name))
 
     visit(model, "")
     name = type(model).__name__
@@ -235,11 +315,13 @@ def plan_qat(
     """The conversion `prepare_qat` would make, without changing ``model``.
 
     Raises:
-        ValueError: nothing to quantize, or a ``fuse_pairs`` entry that is not a Conv2d
-            and its BatchNorm2d.
+        ValueError: nothing to quantize, a ``fuse_pairs`` entry that is not a
+            convolution and its BatchNorm, or (``config.strict``) modules holding weights
+            that would stay float.
     """
     config = config or QuantConfig()
-    found_pairs, order, untraced = _analyse(model)
+    found = _analyse(model)
+    order = found.order
     modules = dict(model.named_modules())
     if not config.bn_fold:
         pairs = []
@@ -247,23 +329,62 @@ def plan_qat(
         for conv_name, bn_name in fuse_pairs:
             if not _foldable(modules.get(conv_name), modules.get(bn_name)):
                 raise ValueError(
-                    f"fuse_pairs entry ({conv_name!r}, {bn_name!r}) is not a float Conv2d and "
-                    "a BatchNorm2d (tracking running stats) with matching channels"
+                    f"fuse_pairs entry ({conv_name!r}, {bn_name!r}) is not a float Conv2d "
+                    "(Conv1d) and a BatchNorm2d (BatchNorm1d) tracking running stats, with "
+                    "matching channels"
                 )
         pairs = [tuple(pair) for pair in fuse_pairs]
     else:
-        pairs = found_pairs
-        _warn_unfolded(model, untraced, pairs)
+        pairs = found.pairs
+        _warn_unfolded(model, found.untraced, pairs)
     pairs = [(c, b) for c, b in pairs if not _excluded(c, config.exclude)]
-    # Layers that exist but were never called in the trace still get converted, last.
-    order += [n for n, m in modules.items() if _is_float_layer(m) and n not in order]
+    # Layers that exist but were never called in the trace still get converted, last
+    # (not an attention's output projection: the attention converts it).
+    attentions = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    order += [
+        n
+        for n, m in modules.items()
+        if _is_float_layer(m) and n not in order and n.rpartition(".")[0] not in attentions
+    ]
     order = [n for n in order if not _excluded(n, config.exclude)]
     if not order:
         raise ValueError(
             f"prepare_qat found nothing to quantize in {type(model).__name__}: no float "
-            f"nn.Conv2d or nn.Linear outside exclude={list(config.exclude)}"
+            f"Conv1d/Conv2d/ConvTranspose2d, Linear or MultiheadAttention outside "
+            f"exclude={list(config.exclude)}"
         )
-    return ConversionPlan(layers=order, pairs=pairs, placement=_place(model, order))
+    # BatchNorms found foldable are folded now or, with bn_fold=False, at export
+    folded_bns = [b for _, b in found.pairs]
+    left_float = float_modules(model, order, folded_bns, config.exclude)
+    _report_float(model, left_float, config.strict)
+    return ConversionPlan(
+        layers=order,
+        pairs=pairs,
+        placement=_place(model, order),
+        left_float=left_float,
+        self_attention=found.self_attention,
+    )
+
+
+def _report_float(model: nn.Module, left_float: list[FloatModule], strict: bool) -> None:
+    """Warn about the modules holding weights that stay float; with ``strict``, refuse
+    those that are float not by design."""
+    name = type(model).__name__
+    refused = [f for f in left_float if not f.by_design]
+    if strict and refused:
+        raise ValueError(
+            "prepare_qat(strict): these modules hold weights that would stay float: "
+            + "; ".join(f.describe(name) for f in refused)
+            + ". Quantize them another way, or list them in QuantConfig.exclude to "
+            "keep them float knowingly."
+        )
+    if left_float:
+        warnings.warn(
+            "prepare_qat: these modules hold weights and stay float: "
+            + "; ".join(f.describe(name) for f in left_float),
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def prepare_qat(
@@ -277,7 +398,16 @@ def prepare_qat(
     - Conv2d followed by BatchNorm2d becomes `QuantConvBn2d` (BN folded) when
       ``config.bn_fold``, the BatchNorm replaced by a pass-through `FoldedBatchNorm2d`
       holding its Parameters and statistics under the same names; else `QuantConv2d` with
-      the float BN kept. Other Conv2d become `QuantConv2d`, Linear becomes `QuantLinear`.
+      the float BN kept. Other Conv2d become `QuantConv2d`, Linear becomes `QuantLinear`;
+      Conv1d (+ BatchNorm1d) and ConvTranspose2d likewise (`QuantConv1d`,
+      `QuantConvBn1d`, `QuantConvTranspose2d`).
+    - `nn.MultiheadAttention` (so torch's transformer layers) becomes
+      `QuantMultiheadAttention`: projections and both attention matmuls on quantized
+      operands; the fused fast path of ``TransformerEncoderLayer`` is turned off
+      (`lightning_qat.nn.KeepModulePath`) so that eval computes what training simulated.
+    - Every module holding weights that stays float (LayerNorm, an LSTM, a Parameter the
+      model adds itself, what ``config.exclude`` names) is listed in a warning, and in
+      `ConversionPlan.left_float`; ``config.strict`` refuses those float not by design.
     - The new layers hold the very same Parameter objects, in the same order, so an
       optimizer built before conversion, its momentum and its LR scheduler carry on.
     - The model's ``forward`` is not touched: only submodules are swapped.
@@ -307,14 +437,20 @@ def apply_plan(model: nn.Module, config: QuantConfig, plan: ConversionPlan) -> n
         if name in bn_of:
             folded = FoldedBatchNorm2d(modules[bn_of[name]])
             _set_submodule(model, bn_of[name], folded)
-            new = QuantConvBn2d.from_float(layer, folded, layer_config, quantize_input)
-        elif isinstance(layer, nn.Conv2d):
-            new = QuantConv2d.from_float(layer, layer_config, quantize_input)
+            form = next(q for f, q in FOLDED_FORM.items() if isinstance(layer, f))
+            new = form.from_float(layer, folded, layer_config, quantize_input)
+        elif isinstance(layer, nn.MultiheadAttention):
+            self_attention = name in plan.self_attention
+            new = QuantMultiheadAttention.from_float(
+                layer, layer_config, quantize_input, self_attention
+            )
         else:
-            new = QuantLinear.from_float(layer, layer_config, quantize_input)
-        for quantizer_name in ("activation_quantizer", "weight_quantizer"):
-            getattr(new, quantizer_name).observer.name = f"{name}.{quantizer_name}"
+            new = quantized_form(layer).from_float(layer, layer_config, quantize_input)
+        for quantizer_name, quantizer in new.named_modules():
+            if isinstance(quantizer, FakeQuantize):
+                quantizer.observer.name = f"{name}.{quantizer_name}"
         _set_submodule(model, name, new)
+    keep_module_paths(model)
     _attach_tensor_quantizers(model, config, configs, plan.placement)
     return model
 

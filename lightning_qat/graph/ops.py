@@ -9,10 +9,13 @@ fusions):
   value that leaves the layer.
 - ``ADD`` (residual add), ``CAT`` (concatenation), ``AVGPOOL``: integer ops with their
   own output grid; every input on a grid.
-- ``MAXPOOL``, ``RELU`` (ReLU, ReLU6: a clamp on codes), ``FLATTEN``, ``IDENTITY``
+- ``MAXPOOL``, ``RELU`` (ReLU, ReLU6: a clamp on codes), ``FLATTEN``, ``PERMUTE``
+  (``transpose``), ``IDENTITY``
   (dropout, identity, a folded BatchNorm's pass-through, ``contiguous``): ops that keep
   the grid of their input (they commute with quantization).
 - ``QUANTIZER``: an activation quantizer applied to a value (a prepared model).
+- ``OPAQUE``: a module torch.fx keeps whole (torch's ``TransformerEncoder``) that holds
+  quantized layers: placed on its own, inside; the export cannot write it.
 - ``INPUT``, ``OUTPUT``, ``CONST`` (a parameter or buffer read in ``forward``), ``META``
   (sizes and shapes, not tensors) and ``FLOAT``: anything else, which no integer
   runtime runs (a float island).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import enum
 import operator
 from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,36 +45,52 @@ class Kind(enum.Enum):
     LAYER = "layer"
     LAYER_BN = "layer_bn"
     QUANTIZER = "quantizer"
+    OPAQUE = "opaque"
     ADD = "add"
     CAT = "cat"
     AVGPOOL = "avgpool"
     MAXPOOL = "maxpool"
     RELU = "relu"
     FLATTEN = "flatten"
+    PERMUTE = "permute"
     IDENTITY = "identity"
     FLOAT = "float"
 
 
 #: Ops whose output is on the grid of their input.
-SAME_GRID = frozenset({Kind.MAXPOOL, Kind.RELU, Kind.FLATTEN, Kind.IDENTITY})
+SAME_GRID = frozenset({Kind.MAXPOOL, Kind.RELU, Kind.FLATTEN, Kind.PERMUTE, Kind.IDENTITY})
 #: Ops that run on integers when something integer reads their output.
 INTEGER_OPS = frozenset({Kind.ADD, Kind.CAT, Kind.AVGPOOL})
 
 
 @dataclass(frozen=True)
 class PoolSpec:
-    """A 2-d pooling window. ``global_pool`` pools each whole map (adaptive to 1x1, or a
-    mean over the spatial dimensions, ``keepdim`` as given)."""
+    """A 2-d (or, with 1-tuples, 1-d) pooling window. ``global_pool`` pools each whole
+    map (adaptive to size 1, or a mean over the spatial dimensions, ``keepdim`` as
+    given)."""
 
     kind: str  # "max" or "avg"
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     ceil_mode: bool = False
     count_include_pad: bool = True
     global_pool: bool = False
     keepdim: bool = True
+
+    def as_2d(self) -> PoolSpec:
+        """The same window over a ``[N, C, 1, L]`` view of a 1-d map (torch's 2-d
+        kernels then pool 1-d maps too; ``divisor_override`` exists only there)."""
+        if len(self.kernel) == 2:
+            return self
+        return replace(
+            self,
+            kernel=(1, *self.kernel),
+            stride=(1, *self.stride),
+            padding=(0, *self.padding),
+            dilation=(1, *self.dilation),
+        )
 
 
 @dataclass
@@ -102,6 +121,7 @@ class Op:
         return f"{self.where}: {self.what}" if self.where else self.what
 
 
+_LAYER_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
@@ -124,7 +144,37 @@ def _pair(value: Any) -> tuple[int, int]:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
+def _pool1d_from_module(module: nn.Module) -> PoolSpec | None:
+    if isinstance(module, nn.MaxPool1d) and not module.return_indices:
+        return PoolSpec(
+            "max",
+            _single(module.kernel_size),
+            _single(module.stride or module.kernel_size),
+            _single(module.padding),
+            _single(module.dilation),
+            module.ceil_mode,
+        )
+    if isinstance(module, nn.AvgPool1d):
+        return PoolSpec(
+            "avg",
+            _single(module.kernel_size),
+            _single(module.stride or module.kernel_size),
+            _single(module.padding),
+            ceil_mode=module.ceil_mode,
+            count_include_pad=module.count_include_pad,
+        )
+    if isinstance(module, nn.AdaptiveAvgPool1d) and _single(module.output_size) == (1,):
+        return PoolSpec("avg", global_pool=True)
+    return None
+
+
+def _single(value: Any) -> tuple[int]:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
 def _pool_from_module(module: nn.Module) -> PoolSpec | None:
+    if isinstance(module, nn.MaxPool1d | nn.AvgPool1d | nn.AdaptiveAvgPool1d):
+        return _pool1d_from_module(module)
     if isinstance(module, nn.MaxPool2d):
         return PoolSpec(
             "max",
@@ -316,15 +366,13 @@ class Classifier:
         module = self.modules[str(node.target)]
         name = str(node.target)
         data = _tensor_args(node, self.meta)[:1]
-        if isinstance(module, QUANTIZED_LAYERS) or (
-            name in self.layers and isinstance(module, nn.Conv2d | nn.Linear)
-        ):
+        if isinstance(module, QUANTIZED_LAYERS) or name in self.layers:
             return self._op(node, Kind.LAYER, data)
         if isinstance(module, FakeQuantize):
             return self._op(node, Kind.QUANTIZER, data)
         if isinstance(module, FoldedBatchNorm2d | nn.Identity | nn.Dropout | nn.Dropout2d):
             return self._op(node, Kind.IDENTITY, data)
-        if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm) and self._follows_a_layer(node):
+        if isinstance(module, _LAYER_BN) and self._follows_a_layer(node):
             return self._op(node, Kind.LAYER_BN, data)
         if isinstance(module, nn.ReLU):
             return self._op(node, Kind.RELU, data)
@@ -338,6 +386,10 @@ class Classifier:
         if pool is not None:
             kind = Kind.MAXPOOL if pool.kind == "max" else Kind.AVGPOOL
             return self._op(node, kind, data, pool=pool)
+        if any(isinstance(m, QUANTIZED_LAYERS) for m in module.modules()) or any(
+            layer.startswith(f"{name}.") for layer in self.layers
+        ):
+            return self._op(node, Kind.OPAQUE)
         return self._op(node, Kind.FLOAT)
 
     def _follows_a_layer(self, node: fx.Node) -> bool:
@@ -349,7 +401,7 @@ class Classifier:
             and len(source.users) == 1
             and self.ops.get(source) is not None
             and self.ops[source].kind is Kind.LAYER
-            and isinstance(self.ops[source].params.get("module"), nn.Conv2d)
+            and isinstance(self.ops[source].params.get("module"), nn.Conv1d | nn.Conv2d)
         )
 
     def _function_op(self, node: fx.Node) -> Op:
@@ -387,8 +439,14 @@ class Classifier:
         if target is torch.flatten or method == "flatten":
             start = _argument(node, 1, "start_dim", 0)
             end = _argument(node, 2, "end_dim", -1)
-            if start == 1 and end == -1:
-                return self._op(node, Kind.FLATTEN, tensors[:1], start_dim=1)
+            if isinstance(start, int) and start >= 1 and end == -1:
+                return self._op(node, Kind.FLATTEN, tensors[:1], start_dim=start)
+        if target is torch.transpose or method == "transpose":
+            dims = (_argument(node, 1, "dim0", None), _argument(node, 2, "dim1", None))
+            if all(isinstance(d, int) for d in dims) and 0 not in dims:  # the batch stays
+                return self._op(node, Kind.PERMUTE, tensors[:1], dims=dims)
+        if target is operator.getitem and args[1:] == (0,) and self._is_attention(args[0]):
+            return self._op(node, Kind.IDENTITY, tensors[:1])  # mha(...)[0]: its output
         if method in ("view", "reshape") and self._is_batch_flatten(node):
             return self._op(node, Kind.FLATTEN, tensors[:1], start_dim=1)
         if node.op == "call_function":
@@ -401,6 +459,14 @@ class Classifier:
             if pool is not None:
                 return self._op(node, Kind.AVGPOOL, tensors[:1], pool=pool)
         return self._op(node, Kind.FLOAT, tensors)
+
+    def _is_attention(self, value: Any) -> bool:
+        """Whether ``value`` is what an attention module returns (output, weights)."""
+        return (
+            isinstance(value, fx.Node)
+            and value.op == "call_module"
+            and isinstance(self.modules[str(value.target)], nn.MultiheadAttention)
+        )
 
     def _is_batch_flatten(self, node: fx.Node) -> bool:
         """``x.view(x.size(0), -1)`` or ``x.reshape(x.shape[0], -1)``."""

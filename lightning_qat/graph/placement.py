@@ -67,11 +67,14 @@ class Placement:
             deployment dequantizes before them and quantizes after).
         unquantized: integer ops whose input no module boundary outputs, so that it
             cannot be quantized; they run in float.
+        opaque: modules the trace kept whole that hold layers (``Kind.OPAQUE``), by
+            their name in the traced model: to be placed on their own.
     """
 
     tensor_quantizers: list[TensorQuantizer] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     unquantized: list[str] = field(default_factory=list)
+    opaque: list[str] = field(default_factory=list)
 
     @property
     def stays_float(self) -> list[str]:
@@ -122,6 +125,7 @@ def place(traced: TracedModel, layers: Container[str] = (), prefix: str = "") ->
     users = data_users(ops)
     integer = integer_ops(ops, users)
     placement = Placement()
+    placement.opaque = [str(n.target) for n, op in ops.items() if op.kind is Kind.OPAQUE]
 
     def readers(source: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
         """Integer ops and other ops reading ``source`` through grid-keeping ops."""

@@ -1,4 +1,5 @@
-"""`QuantConvBn2d`: Conv2d + BatchNorm2d trained with BatchNorm folded into the weights."""
+"""`QuantConvBn2d` (Conv2d + BatchNorm2d) and `QuantConvBn1d` (Conv1d + BatchNorm1d),
+trained with the BatchNorm folded into the weights."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_qat.nn.conv import conv2d_kwargs
+from lightning_qat.nn.conv import conv_kwargs
 from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
 from lightning_qat.nn.layer import QuantizedLayerMixin
 from lightning_qat.nn.pruning import adopt_tensor, apply_pruning
-from lightning_qat.quant import FakeQuantize, QuantConfig
+from lightning_qat.quant import QuantConfig
 
 
-class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
-    """Convolution with BatchNorm folded in, as the integer model will run it.
+class QuantConvBnMixin(QuantizedLayerMixin):
+    """Convolution with BatchNorm folded in, as the integer model will run it (any
+    number of spatial dimensions: the formulas are per output channel).
 
     Krishnamoorthi 2018 (arXiv 1806.08342), section 3.2.2 and figures 8-9; Jacob et al.
     2018, section 3.2. With ``γ, β, μ, σ² `` the BatchNorm parameters and statistics,
@@ -52,9 +54,8 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        config = config or QuantConfig()
         if bn is None:
-            bn = nn.BatchNorm2d(
+            bn = self._bn_class(
                 self.out_channels, device=self.weight.device, dtype=self.weight.dtype
             )
         if isinstance(bn, FoldedBatchNorm2d):
@@ -64,19 +65,10 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
             self.bn = FoldedBatchNorm2d(bn)
         if self.bn.num_features != self.out_channels:
             raise ValueError(
-                f"BatchNorm2d has {self.bn.num_features} features but the conv "
+                f"the BatchNorm has {self.bn.num_features} features but the conv "
                 f"has {self.out_channels} output channels"
             )
-        self.activation_quantizer = FakeQuantize.for_activations(config).enable_fake_quant(
-            quantize_input
-        )
-        self.weight_quantizer = FakeQuantize.for_weights(config, self.out_channels)
-        self.activation_quantizer.to(self.weight.device)
-        self.weight_quantizer.to(self.weight.device)
-        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
-        #: already put the input on its grid (set by `prepare_qat` on graphs where several
-        #: ops read the tensor): the layer does not quantize it again.
-        self.input_quantized_upstream = False
+        self._init_quantizers(config, quantize_input, self.out_channels)
         self.bn_frozen = False
 
     @classmethod
@@ -86,15 +78,15 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
         bn: FoldedBatchNorm2d | _BatchNorm,
         config: QuantConfig,
         quantize_input: bool = True,
-    ) -> QuantConvBn2d:
+    ) -> QuantConvBnMixin:
         """A `QuantConvBn2d` holding the very same Parameters as ``conv`` and ``bn``."""
-        new = cls(**conv2d_kwargs(conv), bn=bn, config=config, quantize_input=quantize_input)
+        new = cls(**conv_kwargs(conv), bn=bn, config=config, quantize_input=quantize_input)
         adopt_tensor(new, conv, "weight")  # pruned weights stay pruned
         adopt_tensor(new, conv, "bias")
         new.train(conv.training)
         return new
 
-    def freeze_bn(self, frozen: bool = True) -> QuantConvBn2d:
+    def freeze_bn(self, frozen: bool = True) -> QuantConvBnMixin:
         """Stop (or resume) batch statistics: use and keep the running ones."""
         self.bn_frozen = frozen
         return self
@@ -112,9 +104,17 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
         bias = shift * factor
         return bias if bn.bias is None else bias + bn.bias
 
+    def _per_channel(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel ``values`` shaped to scale the weight."""
+        return values.reshape(-1, *[1] * (self.weight.dim() - 1))
+
+    def _per_map(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel ``values`` shaped to scale the output ``[N, C, ...]``."""
+        return values.reshape(1, -1, *[1] * (self.weight.dim() - 2))
+
     def weight_to_quantize(self) -> torch.Tensor:
         """The folded weight ``w · f`` the weight quantizer sees (running statistics)."""
-        return self.weight * self.fold_factor().reshape(-1, 1, 1, 1)
+        return self.weight * self._per_channel(self.fold_factor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a pruned BN's weight is set by its own hook when the BN is called, after this
@@ -123,22 +123,22 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
         x = self.input_on_grid(x)
         if not self.training or self.bn_frozen:
             factor = self.fold_factor()
-            weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
+            weight = self.weight_quantizer(self.weight * self._per_channel(factor))
             return self._conv_forward(x, weight, self.quantized_bias(self.folded_bias(factor)))
         # Before the freeze, z = conv(x, Q(w·f)) / f equals conv(x, w) in float arithmetic,
         # whatever γ is: the fold and the division cancel. So f is a constant for autograd
         # here; γ gets its gradient through BN alone, as in the float Conv->BN, and the
         # division's gradient (two full-size passes per layer) is never computed.
         factor = self.fold_factor().detach()
-        weight = self.weight_quantizer(self.weight * factor.reshape(-1, 1, 1, 1))
+        weight = self.weight_quantizer(self.weight * self._per_channel(factor))
         y = self._conv_forward(x, weight, None)
         # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite and BN
         # then outputs β, as the float Conv->BN would.
         inv_factor = 1 / torch.where(factor == 0, torch.ones_like(factor), factor)
         # In place: the convolution's backward does not need its output.
-        z = y.mul_(inv_factor.reshape(1, -1, 1, 1).to(y.dtype))
+        z = y.mul_(self._per_map(inv_factor).to(y.dtype))
         if self.bias is not None:
-            z = z + self.bias.reshape(1, -1, 1, 1).to(z.dtype)
+            z = z + self._per_map(self.bias).to(z.dtype)
         return self.bn.normalize(z)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -149,3 +149,13 @@ class QuantConvBn2d(QuantizedLayerMixin, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_frozen={self.bn_frozen}"
+
+
+class QuantConvBn2d(QuantConvBnMixin, nn.Conv2d):
+    __doc__ = QuantConvBnMixin.__doc__
+    _bn_class = nn.BatchNorm2d
+
+
+class QuantConvBn1d(QuantConvBnMixin, nn.Conv1d):
+    __doc__ = QuantConvBnMixin.__doc__
+    _bn_class = nn.BatchNorm1d

@@ -1,4 +1,4 @@
-"""`FoldedBatchNorm2d`: what stands where a BatchNorm2d stood once it is folded."""
+"""`FoldedBatchNorm2d`: what stands where a BatchNorm stood once it is folded."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from lightning_qat.nn.pruning import adopt_tensor
 
 
 class FoldedBatchNorm2d(nn.Module):
-    """A BatchNorm2d whose work moved into the preceding `QuantConvBn2d`: passes its input
-    through, and holds the BatchNorm's very Parameters and statistics under the same names.
+    """A BatchNorm (2-d, or 1-d after a Conv1d) whose work moved into the preceding
+    `QuantConvBn2d` / `QuantConvBn1d`: passes its input through, and holds the
+    BatchNorm's very Parameters and statistics under the same names.
 
     Keeping them here rather than inside the convolution keeps the model's ``state_dict``
     keys and, above all, the order of ``model.parameters()`` unchanged by ``prepare_qat``:
@@ -85,7 +86,8 @@ class FoldedBatchNorm2d(nn.Module):
 
         z32 = z.float()
         count = torch.full((1,), z32.numel() / z32.shape[1], device=z.device)
-        local = torch.cat([z32.sum((0, 2, 3)), (z32 * z32).sum((0, 2, 3)), count])
+        dims = (0, *range(2, z32.dim()))  # all but the channels
+        local = torch.cat([z32.sum(dims), (z32 * z32).sum(dims), count])
         total = all_reduce(local, group=self.process_group or dist.group.WORLD)
         c = self.num_features
         n = total[2 * c]
@@ -100,7 +102,8 @@ class FoldedBatchNorm2d(nn.Module):
         shift = -mean * scale
         if self.bias is not None:
             shift = shift + self.bias
-        return (z32 * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)).to(z.dtype)
+        shape = (1, -1, *[1] * (z32.dim() - 2))
+        return (z32 * scale.reshape(shape) + shift.reshape(shape)).to(z.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"

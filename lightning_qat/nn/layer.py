@@ -4,19 +4,41 @@ from __future__ import annotations
 
 import torch
 
-from lightning_qat.quant import FakeQuantize, quantize_bias
+from lightning_qat.quant import FakeQuantize, QuantConfig, quantize_bias
 
 
 class QuantizedLayerMixin:
-    """Input and bias handling shared by `QuantConv2d`, `QuantConvBn2d`, `QuantLinear`.
+    """Quantizers, input and bias handling shared by the quantized layers (`QuantConv2d`,
+    `QuantConvBn2d`, `QuantLinear`, their 1-d and transposed kin, the attention).
 
     Expects ``activation_quantizer``, ``weight_quantizer`` and
-    ``input_quantized_upstream`` on the layer.
+    ``input_quantized_upstream`` on the layer (`_init_quantizers` sets them).
     """
 
     activation_quantizer: FakeQuantize
     weight_quantizer: FakeQuantize
     input_quantized_upstream: bool
+
+    def _init_quantizers(
+        self, config: QuantConfig | None, quantize_input: bool, out_channels: int
+    ) -> None:
+        """The input quantizer (fake-quantizing only with ``quantize_input``; observing
+        either way, for export) and the weight quantizer (one scale per output channel
+        where the config says so), on the weight's device."""
+        config = config or QuantConfig()
+        device = self.weight.device
+        self.activation_quantizer = (
+            FakeQuantize.for_activations(config).enable_fake_quant(quantize_input).to(device)
+        )
+        self.weight_quantizer = FakeQuantize.for_weights(config, out_channels).to(device)
+        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
+        #: already put the input on its grid (set by `prepare_qat` on graphs where several
+        #: ops read the tensor): the layer does not quantize it again.
+        self.input_quantized_upstream = False
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees, output channels first."""
+        return self.weight
 
     def input_on_grid(self, x: torch.Tensor) -> torch.Tensor:
         """The input on its grid: quantized here, or already upstream."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_qat.nn.layer import QuantizedLayerMixin
 from lightning_qat.nn.pruning import adopt_tensor
-from lightning_qat.quant import FakeQuantize, QuantConfig
+from lightning_qat.quant import QuantConfig
 
 
 class QuantLinear(QuantizedLayerMixin, nn.Linear):
@@ -35,17 +35,7 @@ class QuantLinear(QuantizedLayerMixin, nn.Linear):
         quantize_input: bool = True,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
-        config = config or QuantConfig()
-        self.activation_quantizer = FakeQuantize.for_activations(config).enable_fake_quant(
-            quantize_input
-        )
-        self.weight_quantizer = FakeQuantize.for_weights(config, out_features)
-        self.activation_quantizer.to(self.weight.device)
-        self.weight_quantizer.to(self.weight.device)
-        #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
-        #: already put the input on its grid (set by `prepare_qat` on graphs where several
-        #: ops read the tensor): the layer does not quantize it again.
-        self.input_quantized_upstream = False
+        self._init_quantizers(config, quantize_input, out_features)
 
     @classmethod
     def from_float(
@@ -65,10 +55,6 @@ class QuantLinear(QuantizedLayerMixin, nn.Linear):
         adopt_tensor(new, linear, "bias")
         new.train(linear.training)
         return new
-
-    def weight_to_quantize(self) -> torch.Tensor:
-        """The float weight the weight quantizer sees."""
-        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_on_grid(x)

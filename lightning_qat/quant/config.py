@@ -66,6 +66,10 @@ class QuantConfig:
             ``"@last"`` for the first and last quantized layer in call order (the
             low-bit protocol of every LSQ-type paper: both at 8 bits). A later pattern
             wins where several match; ``activation_bits`` is the layer's input's.
+        strict: refuse (``ValueError`` from `prepare_qat`) a model in which modules holding
+            weights would stay float other than by design (normalisations, float islands)
+            or by ``exclude``: an LSTM, a Conv3d, a Parameter the model uses itself. Off,
+            they are listed in a warning.
     """
 
     weight_bits: int = 8
@@ -81,11 +85,19 @@ class QuantConfig:
     learn_scale: bool = False
     scale_init: str = "mse"
     layer_bits: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
 
     def __post_init__(self) -> None:
         for name in _BITS_FIELDS:
             _check_bits(name, getattr(self, name))
-        for name in ("symmetric", "per_channel", "bn_fold", "quantize_first_input", "learn_scale"):
+        for name in (
+            "symmetric",
+            "per_channel",
+            "bn_fold",
+            "quantize_first_input",
+            "learn_scale",
+            "strict",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"QuantConfig.{name}={getattr(self, name)!r} must be True or False"
