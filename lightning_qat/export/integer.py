@@ -134,19 +134,24 @@ class IntegerLayer(_Codes):
         """int32 accumulator ``Σ (q_x - z_x)(q_w - z_w) + b_q``, exact (see module doc)."""
         x = (q - self.input_grid.zero_point).float()
         acc = None
+        conv = F.conv1d if self.weight.dim() == 3 else F.conv2d
         for shift, digit in self.digits:
             if self.kind == "conv":
-                part = F.conv2d(x, digit, None, **self.conv_args)
+                part = conv(x, digit, None, **self.conv_args)
             else:
                 part = F.linear(x, digit)
             part = part.to(torch.int64) << shift
             acc = part if acc is None else acc + part
-        bias = self.bias.reshape(1, -1, 1, 1) if self.kind == "conv" else self.bias
-        return acc + bias
+        return acc + self.bias.reshape(self._channel_shape)
+
+    @property
+    def _channel_shape(self) -> tuple[int, ...]:
+        """A per-output-channel vector's shape against the output."""
+        return (1, -1, *[1] * (self.weight.dim() - 2))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         acc = self.accumulate(q)
-        shape = (1, -1, 1, 1) if self.kind == "conv" else (1, -1)
+        shape = self._channel_shape
         if not self.requantizes:
             return acc.double() * self.dequant_scale.reshape(shape)
         out = requantize(acc, self.m0.reshape(shape), self.shift.reshape(shape))
@@ -220,7 +225,9 @@ class IntegerPool(_Codes):
 
     def __init__(self, step: plan.Pool):
         super().__init__()
-        self.pool = step.pool
+        #: a 1-d pool runs as 2-d on a [N, C, 1, L] view
+        self.one_d = len(step.pool.kernel) == 1 and not step.pool.global_pool
+        self.pool = step.pool.as_2d()
         self.input_grid = step.input_grid
         self.output_grid = step.output_grid
 
@@ -229,7 +236,8 @@ class IntegerPool(_Codes):
         if p.kind == "max":
             return F.max_pool2d(x, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
         if p.global_pool:
-            pooled = x.sum((2, 3), keepdim=True) if summed else x.mean((2, 3), keepdim=True)
+            dims = tuple(range(2, x.dim()))
+            pooled = x.sum(dims, keepdim=True) if summed else x.mean(dims, keepdim=True)
             return pooled if p.keepdim else pooled.flatten(1)
         divisor = 1 if summed else None
         return F.avg_pool2d(
@@ -240,7 +248,7 @@ class IntegerPool(_Codes):
         """How many elements each window averages."""
         p = self.pool
         if p.global_pool:
-            return torch.full((1,), x.shape[2] * x.shape[3], dtype=torch.float64)
+            return torch.full((1,), x.shape[2:].numel(), dtype=torch.float64)
         if p.count_include_pad:  # the padding counts: windows over the padded map
             height, width = x.shape[2] + 2 * p.padding[0], x.shape[3] + 2 * p.padding[1]
             ones = torch.ones(1, 1, height, width, dtype=torch.float64)
@@ -249,6 +257,11 @@ class IntegerPool(_Codes):
         return F.avg_pool2d(ones, p.kernel, p.stride, p.padding, p.ceil_mode, False, 1)[0, 0]
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.one_d:
+            return self._forward(q.unsqueeze(2)).squeeze(2)
+        return self._forward(q)
+
+    def _forward(self, q: torch.Tensor) -> torch.Tensor:
         if self.output_grid is None:
             return self._apply(self.dequantize(q, self.input_grid))
         if self.pool.kind == "max":
@@ -289,6 +302,79 @@ class IntegerFlatten(nn.Module):
         return q.flatten(self.start_dim, self.end_dim)
 
 
+class IntegerTranspose(nn.Module):
+    def __init__(self, step: plan.Transpose):
+        super().__init__()
+        self.dims = step.dims
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return q.transpose(*self.dims)
+
+
+class IntegerConstant(nn.Module):
+    def __init__(self, step: plan.Constant):
+        super().__init__()
+        self.register_buffer("tensor", step.tensor)
+
+    def forward(self) -> torch.Tensor:
+        return self.tensor
+
+
+class IntegerFloatOp(_Codes):
+    """A float island on the dequantized input, in float32 as the fake-quant model runs
+    it (its output is float; a reader quantizes it)."""
+
+    def __init__(self, step: plan.FloatOp):
+        super().__init__()
+        self.op = step.op
+        self.input_grid = step.input_grid
+        self.attributes = step.attributes
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        x = self.dequantize(q, self.input_grid).float()
+        a = self.attributes
+        if self.op == "layer_norm":
+            return F.layer_norm(x, x.shape[-1:], a["weight"], a["bias"], a["eps"])
+        if self.op == "gelu":
+            return F.gelu(x, approximate=a["approximate"])
+        return x.mean(a["dims"], keepdim=a["keepdim"])  # "mean"
+
+
+class IntegerAttention(_Codes):
+    """Multi-head self-attention on codes (`lightning_qat.export.plan.Attention`): the
+    projections and the output projection are `IntegerLayer` s; both attention products
+    are integer sums of code products (exact in float64), the scores dequantized for the
+    float softmax, the context requantized with a fixed-point multiplier."""
+
+    def __init__(self, step: plan.Attention):
+        super().__init__()
+        self.heads = step.heads
+        self.projections = nn.ModuleList(IntegerLayer(p) for p in step.projections)
+        self.out_proj = IntegerLayer(step.out_proj)
+        self.operand_grids = step.operand_grids
+        self.attention_grid = step.attention_grid
+        self.context_grid = step.context_grid
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = q.shape
+        query, key, value = (
+            (p(q) - g.zero_point)
+            .reshape(batch, tokens, self.heads, -1)
+            .transpose(1, 2)  # [N, H, T, d]
+            .double()
+            for p, g in zip(self.projections, self.operand_grids, strict=True)
+        )
+        s_q, s_k, s_v = (g.scale for g in self.operand_grids)
+        scores = (query @ key.transpose(-2, -1)) * (s_q * s_k)  # exact sums, then scaled
+        a = self.attention_grid
+        probabilities = torch.softmax(scores.float(), dim=-1)
+        codes = plan.quantize_codes(probabilities, a.scale, a.zero_point, a.qmin, a.qmax)
+        context = (codes - a.zero_point).double() @ value  # exact integers
+        multiplier = torch.tensor(a.scale * s_v / self.context_grid.scale, dtype=torch.float64)
+        context = self.requantize(context.round().long(), multiplier, self.context_grid)
+        return self.out_proj(context.transpose(1, 2).reshape(batch, tokens, width))
+
+
 _STEPS = {
     plan.QuantizeInput: IntegerQuantizeInput,
     plan.QuantizedLayer: IntegerLayer,
@@ -297,6 +383,10 @@ _STEPS = {
     plan.Pool: IntegerPool,
     plan.ReLU: IntegerReLU,
     plan.Flatten: IntegerFlatten,
+    plan.Transpose: IntegerTranspose,
+    plan.Constant: IntegerConstant,
+    plan.FloatOp: IntegerFloatOp,
+    plan.Attention: IntegerAttention,
 }
 
 

@@ -43,6 +43,8 @@ step on rare rounding ties of the accumulator (tested).
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,7 @@ except ImportError as error:
     raise ImportError("onnx is needed to export: pip install 'lightning-qat[export]'") from error
 
 from lightning_qat.export import plan
+from lightning_qat.export.integer import IntegerModel
 from lightning_qat.export.plan import DeploymentPlan, QuantGrid, plan_deployment
 
 #: ONNX opset: per-axis QuantizeLinear/DequantizeLinear (13), uint8 Clip (12).
@@ -120,10 +123,18 @@ class _Codes:
 
 
 class _Exporter:
-    def __init__(self, deployment: DeploymentPlan, quantize_input: bool | None, weights: str):
+    def __init__(
+        self,
+        deployment: DeploymentPlan,
+        quantize_input: bool | None,
+        weights: str,
+        shapes: dict[str, tuple[int, ...]],
+    ):
         if weights not in WEIGHT_DTYPES:
             raise ValueError(f"to_onnx(weight_dtype={weights!r}): use one of {WEIGHT_DTYPES}")
         self.plan = deployment
+        #: each value's shape for the example input (reshapes and permutations need ranks)
+        self.shapes = shapes
         self.graph = _GraphBuilder()
         self.input_policy = quantize_input
         self.weights = weights
@@ -199,6 +210,24 @@ class _Exporter:
         return np.int8
 
     def layer(self, step: plan.QuantizedLayer) -> None:
+        (source,) = step.inputs
+        shape = self.shapes[source]
+        if step.kind == "linear" and len(shape) > 2:
+            # Gemm (QGemm) takes matrices: tokens [N, T, E] as [N T, E] and back, the
+            # reshapes on the codes
+            flat, out = f"{source}_2d", f"{step.value}_2d"
+            self._carry("Reshape", plan.Step((source,), flat), [self._shape([-1, shape[-1]])])
+            self.shapes[flat] = (-1, shape[-1])
+            self._layer(replace(step, inputs=(flat,), value=out))
+            back = [-1, *shape[1:-1], step.weight_codes.shape[0]]
+            self._carry("Reshape", plan.Step((out,), step.value), [self._shape(back)])
+            return
+        self._layer(step)
+
+    def _shape(self, shape: list[int]) -> str:
+        return self.graph.constant("shape", np.array(shape, dtype=np.int64))
+
+    def _layer(self, step: plan.QuantizedLayer) -> None:
         g = self.graph
         base = step.name.replace(".", "_") or step.kind
         (source,) = step.inputs
@@ -207,6 +236,15 @@ class _Exporter:
             value = self.codes(source)
         dtype = self._weight_dtype(value)
         shift = 128 if dtype is np.uint8 else 0  # uint8 weight codes: q_w + 128, same values
+        one_zero_point = step.weight_zero_point.unique().numel() == 1
+        if (
+            step.kind == "conv"
+            and step.output_grid is None
+            and isinstance(value, _Codes)
+            and one_zero_point  # onnxruntime's ConvInteger takes no per-channel zero points
+        ):
+            self._integer_conv_to_float(step, value, dtype, shift)
+            return
         x = self.dequantized(source)
         per_channel = step.weight_scale.dim() == 1
         axis = {"axis": 0} if per_channel else {}
@@ -251,6 +289,48 @@ class _Exporter:
             out = g.node("Gemm", [x, weight, bias], base, transB=1)
         self.output(step, out, step.output_grid)
 
+    def _integer_conv_to_float(
+        self, step: plan.QuantizedLayer, codes: _Codes, dtype: type, shift: int
+    ) -> None:
+        """A convolution whose output is float (nothing integer reads it, a ViT's patch
+        embedding): onnxruntime has no QLinearConv with a float output and would run a
+        float Conv on dequantized codes, so the int32 accumulator is written out:
+        ``ConvInteger`` of the codes, plus the int32 bias, times ``s_x s_w``. Only for
+        one weight zero point (symmetric weights, or per tensor): onnxruntime's
+        ConvInteger refuses per-channel zero points, and such a layer stays a float
+        Conv on its dequantized int8 codes."""
+        g, base = self.graph, step.name.replace(".", "_") or step.kind
+        channels = (1, -1, *[1] * (step.weight_codes.dim() - 2))
+        args = step.conv_args
+        padding = list(args["padding"])
+        inputs = [
+            codes.name,
+            g.constant(f"{base}_weight_codes", _array(step.weight_codes + shift, dtype)),
+            g.constant(f"{base}_x_zero_point", np.uint8(codes.zero_point)),
+            g.constant(
+                f"{base}_weight_zero_point",
+                _array(step.weight_zero_point.flatten()[0] + shift, dtype),
+            ),
+        ]
+        accumulator = g.node(
+            "ConvInteger",
+            inputs,
+            f"{base}_acc",
+            kernel_shape=list(step.weight_codes.shape[2:]),
+            strides=list(args["stride"]),
+            pads=padding + padding,
+            dilations=list(args["dilation"]),
+            group=args["groups"],
+        )
+        bias = g.constant(f"{base}_bias_codes", _array(step.bias.reshape(channels), np.int32))
+        accumulator = g.node("Add", [accumulator, bias], f"{base}_acc_bias")
+        scale = np.float32(step.input_grid.scale) * _array(step.weight_scale, np.float32)
+        scale = g.constant(
+            f"{base}_acc_scale", np.broadcast_to(scale, step.bias.shape).reshape(channels)
+        )
+        out = g.node("Cast", [accumulator], f"{base}_acc_float", to=TensorProto.FLOAT)
+        self.values[step.value] = g.node("Mul", [out, scale], base)
+
     def add(self, step: plan.Add) -> None:
         a, b = (self.dequantized(v) for v in step.inputs)
         self.output(step, self.graph.node("Add", [a, b], f"{step.value}_add"), step.output_grid)
@@ -260,13 +340,17 @@ class _Exporter:
         out = self.graph.node("Concat", parts, f"{step.value}_concat", axis=step.dim)
         self.output(step, out, step.output_grid)
 
-    def _carry(self, op: str, step: plan.Step, **attributes) -> None:
-        """An op that commutes with quantization and clamping (max pooling, flattening),
-        applied to the codes as they are, the pending clamp carried over."""
+    def _carry(
+        self, op: str, step: plan.Step, constants: list[str] | None = None, **attributes
+    ) -> None:
+        """An op that commutes with quantization and clamping (max pooling, flattening,
+        reshapes, permutations), applied to the codes as they are, the pending clamp
+        carried over; ``constants`` are its further inputs (a reshape's shape)."""
         (source,) = step.inputs
         value = self.values[source]
         name = value.name if isinstance(value, _Codes) else value
-        out = self.graph.node(op, [name], f"{step.value}_{op.lower()}", **attributes)
+        inputs = [name, *(constants or [])]
+        out = self.graph.node(op, inputs, f"{step.value}_{op.lower()}", **attributes)
         self.values[step.value] = value.carried(out) if isinstance(value, _Codes) else out
         if source in self.from_input:
             self.from_input.add(step.value)
@@ -318,7 +402,126 @@ class _Exporter:
     def flatten(self, step: plan.Flatten) -> None:
         if step.end_dim != -1:
             raise ValueError("to_onnx: only Flatten(start_dim, end_dim=-1) exports")
-        self._carry("Flatten", step, axis=step.start_dim)
+        if step.start_dim == 1:
+            self._carry("Flatten", step, axis=1)
+        else:  # ONNX Flatten makes matrices: keep the leading dimensions (0: copied)
+            self._carry("Reshape", step, [self._shape([0] * step.start_dim + [-1])])
+
+    def transpose(self, step: plan.Transpose) -> None:
+        rank = len(self.shapes[step.inputs[0]])
+        perm = list(range(rank))
+        first, second = (d % rank for d in step.dims)
+        perm[first], perm[second] = perm[second], perm[first]
+        self._carry("Transpose", step, perm=perm)
+
+    def constant(self, step: plan.Constant) -> None:
+        self.values[step.value] = self.graph.constant(step.value, _array(step.tensor, np.float32))
+
+    def float_op(self, step: plan.FloatOp) -> None:
+        g, a, base = self.graph, step.attributes, step.value
+        x = self.dequantized(step.inputs[0])
+        if step.op == "layer_norm":
+            width = self.shapes[step.inputs[0]][-1]
+            weight = (
+                np.ones(width, np.float32)
+                if a["weight"] is None
+                else _array(a["weight"], np.float32)
+            )
+            bias = (
+                np.zeros(width, np.float32) if a["bias"] is None else _array(a["bias"], np.float32)
+            )
+            inputs = [x, g.constant(f"{base}_weight", weight), g.constant(f"{base}_bias", bias)]
+            out = g.node("LayerNormalization", inputs, base, axis=-1, epsilon=float(a["eps"]))
+        elif step.op == "gelu":
+            out = self._gelu(x, base, a["approximate"])
+        else:  # mean
+            dims = list(a["dims"])
+            out = g.node("ReduceMean", [x], base, axes=dims, keepdims=int(a["keepdim"]))
+        self.values[step.value] = out
+
+    def _gelu(self, x: str, base: str, approximate: str) -> str:
+        """GELU from ONNX primitives (a Gelu op needs opset 20; onnxruntime fuses these):
+        ``x Φ(x) = x (1 + erf(x / sqrt 2)) / 2``, or the tanh form."""
+        g = self.graph
+
+        def const(value: float) -> str:
+            return g.constant(f"{base}_c", np.float32(value))
+
+        if approximate == "tanh":
+            cube = g.node("Mul", [g.node("Mul", [x, x], f"{base}_sq"), x], f"{base}_cube")
+            inner = g.node(
+                "Add", [x, g.node("Mul", [cube, const(0.044715)], f"{base}_k")], f"{base}_in"
+            )
+            core = g.node(
+                "Tanh",
+                [g.node("Mul", [inner, const(math.sqrt(2 / math.pi))], f"{base}_s")],
+                f"{base}_tanh",
+            )
+        else:
+            core = g.node(
+                "Erf", [g.node("Div", [x, const(math.sqrt(2))], f"{base}_div")], f"{base}_erf"
+            )
+        half = g.node("Mul", [x, const(0.5)], f"{base}_half")
+        return g.node("Mul", [half, g.node("Add", [core, const(1.0)], f"{base}_one")], base)
+
+    def attention(self, step: plan.Attention) -> None:
+        g, base = self.graph, step.value
+        (source,) = step.inputs
+        shape = self.shapes[source]
+        heads, width = step.heads, shape[-1]
+        for projection in step.projections:  # Q, K, V codes on their operand grids
+            self.shapes[projection.inputs[0]] = shape
+            self.layer(projection)
+
+        def split(projection: plan.QuantizedLayer, perm: list[int]) -> tuple[str, _Codes]:
+            codes = self.codes(projection.value)
+            heads_shape = self._shape([0, 0, heads, width // heads])
+            split = g.node("Reshape", [codes.name, heads_shape], f"{projection.value}_heads")
+            return g.node("Transpose", [split], f"{projection.value}_t", perm=perm), codes
+
+        (q, q_codes), (k, k_codes), (v, v_codes) = (
+            split(p, perm)
+            for p, perm in zip(
+                step.projections, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]), strict=True
+            )
+        )
+        # QK^T: an integer product (MatMulInteger), dequantized for the softmax
+        zero_points = [
+            g.constant(f"{base}_zq", np.uint8(q_codes.zero_point)),
+            g.constant(f"{base}_zk", np.uint8(k_codes.zero_point)),
+        ]
+        products = g.node("MatMulInteger", [q, k, *zero_points], f"{base}_qk")
+        s_q, s_k = step.operand_grids[0].scale, step.operand_grids[1].scale
+        scores = g.node(
+            "Mul",
+            [
+                g.node("Cast", [products], f"{base}_qk_f", to=TensorProto.FLOAT),
+                g.constant(f"{base}_sqk", np.float32(s_q * s_k)),
+            ],
+            f"{base}_scores",
+        )
+        softmax = g.node("Softmax", [scores], f"{base}_softmax", axis=-1)
+        p = self.quantize(softmax, step.attention_grid, f"{base}_p")
+        # P V: DQ, DQ -> MatMul -> Q, which onnxruntime runs as QLinearMatMul
+        p_dq = g.node(
+            "DequantizeLinear",
+            [p.name, *self._scale_and_zero_point(p.grid, p.offset, p.name)],
+            f"{base}_p_dq",
+        )
+        v_dq = g.node(
+            "DequantizeLinear",
+            [v, *self._scale_and_zero_point(v_codes.grid, v_codes.offset, f"{base}_v")],
+            f"{base}_v_dq",
+        )
+        context = self.quantize(
+            g.node("MatMul", [p_dq, v_dq], f"{base}_pv"), step.context_grid, f"{base}_context"
+        )
+        merged = g.node("Transpose", [context.name], f"{base}_merge", perm=[0, 2, 1, 3])
+        flat = g.node("Reshape", [merged, self._shape([0, 0, width])], f"{base}_context_flat")
+        (context_value,) = step.out_proj.inputs
+        self.values[context_value] = context.carried(flat)
+        self.shapes[context_value] = shape
+        self.layer(step.out_proj)
 
 
 def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
@@ -372,7 +575,9 @@ def to_onnx(
         output_shape = ["batch", *model(example_input).shape[1:]]
     finally:
         model.train(was_training)
-    exporter = _Exporter(deployment, quantize_input, weight_dtype)
+    integer = IntegerModel(deployment)
+    shapes = {name: tuple(v.shape) for name, v in integer.codes(example_input).items()}
+    exporter = _Exporter(deployment, quantize_input, weight_dtype, shapes)
     handlers = {
         plan.QuantizeInput: exporter.quantize_input,
         plan.QuantizedLayer: exporter.layer,
@@ -381,6 +586,10 @@ def to_onnx(
         plan.Pool: exporter.pool,
         plan.ReLU: exporter.relu,
         plan.Flatten: exporter.flatten,
+        plan.Transpose: exporter.transpose,
+        plan.Constant: exporter.constant,
+        plan.FloatOp: exporter.float_op,
+        plan.Attention: exporter.attention,
     }
     for step in deployment:
         handlers[type(step)](step)

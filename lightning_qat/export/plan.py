@@ -28,19 +28,33 @@ deploy the same numbers.
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_qat.graph import Kind, Op, PoolSpec, classify, trace
 from lightning_qat.graph.ops import SAME_GRID
 from lightning_qat.graph.placement import data_users
-from lightning_qat.nn import QuantConv2d, QuantConvBn2d
+from lightning_qat.nn import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvBn1d,
+    QuantConvBn2d,
+    QuantConvBnMixin,
+    QuantLinear,
+    QuantMultiheadAttention,
+)
 from lightning_qat.nn.pruning import apply_pruning
 from lightning_qat.quant import FakeQuantize, bias_codes, compute_qparams
 
+#: The quantized layers the deployment plan writes.
+EXPORTED_LAYERS = (QuantConv2d, QuantConvBn2d, QuantLinear, QuantConv1d, QuantConvBn1d)
 INT32_MAX = 2**31 - 1
 
 
@@ -152,6 +166,56 @@ class Flatten(Step):
 
 
 @dataclass
+class Transpose(Step):
+    """Two dimensions swapped, on codes (the grid is kept) or on float."""
+
+    dims: tuple[int, int] = (1, 2)
+
+
+@dataclass
+class Constant(Step):
+    """A Parameter or buffer the model's forward reads (a learned position embedding),
+    as the float tensor a float op takes."""
+
+    tensor: torch.Tensor = None
+
+
+@dataclass
+class FloatOp(Step):
+    """A float island: an op no integer runtime runs on codes (DESIGN.md section 6),
+    computed in float on its dequantized input (``input_grid``, None for a float input).
+    ``op``: ``layer_norm`` over the last dimension (``weight``, ``bias``, ``eps``),
+    ``gelu`` (``approximate``), ``mean`` (``dims``, ``keepdim``)."""
+
+    op: str = ""
+    input_grid: QuantGrid | None = None
+    attributes: dict = field(default_factory=dict)
+
+
+@dataclass
+class Attention(Step):
+    """Multi-head self-attention (`lightning_qat.nn.QuantMultiheadAttention`) on
+    integers, for an input ``[N, T, E]`` of codes:
+
+    - ``projections``: Q, K, V as three linear layers on the input codes, each
+      requantized to its operand grid (``1/sqrt(d)`` folded into Q's multiplier: its
+      output grid is ``operand_grids[0]`` with the scale times ``sqrt(d)``);
+    - per head, ``scores = s_q s_k Σ (q - z_q)(k - z_k)``: an int32 product dequantized
+      for the softmax, which runs in float and is quantized to ``attention_grid``;
+    - ``Σ (p - z_p)(v - z_v)`` requantized with ``M = s_p s_v / s_c`` to
+      ``context_grid``, the output projection's input grid, heads merged;
+    - ``out_proj``, a linear layer (output requantized or float as any layer's).
+    """
+
+    heads: int = 1
+    projections: tuple[QuantizedLayer, ...] = ()
+    operand_grids: tuple[QuantGrid, ...] = ()
+    attention_grid: QuantGrid = None
+    context_grid: QuantGrid = None
+    out_proj: QuantizedLayer = None
+
+
+@dataclass
 class DeploymentPlan:
     """The steps, in an order that computes every input before it is read.
 
@@ -214,7 +278,7 @@ def _weight_codes(
     folded in here and the folded weight re-quantized with ranges from its own values (the
     cost of not folding in training)."""
     quantizer = layer.weight_quantizer
-    if isinstance(layer, QuantConvBn2d):
+    if isinstance(layer, QuantConvBnMixin):
         factor = layer.fold_factor()
         weight, bias = layer.weight_to_quantize(), layer.folded_bias(factor)
     else:
@@ -272,8 +336,35 @@ def _layer(
     inputs: tuple[str, ...],
     value: str,
 ) -> QuantizedLayer:
-    codes, s_w, z_w, weight, bias = _weight_codes(module, bn)
-    quantizer = module.weight_quantizer
+    weights = _weight_codes(module, bn)
+    conv_args = {}
+    if weights[0].dim() > 2:
+        if module.padding_mode != "zeros":
+            raise ValueError(f"export: {name} pads with {module.padding_mode!r}; zeros only")
+        conv_args = dict(
+            stride=tuple(module.stride),
+            padding=tuple(module.padding),
+            dilation=tuple(module.dilation),
+            groups=module.groups,
+        )
+    return _layer_step(
+        name, module.weight_quantizer, weights, grid, output_grid, inputs, value, conv_args
+    )
+
+
+def _layer_step(
+    name: str,
+    quantizer: FakeQuantize,
+    weights: tuple[torch.Tensor, ...],
+    grid: QuantGrid,
+    output_grid: QuantGrid | None,
+    inputs: tuple[str, ...],
+    value: str,
+    conv_args: dict | None = None,
+) -> QuantizedLayer:
+    """The step of a layer whose weights (``(codes, scale, zero_point, float weight,
+    float bias)``, as `_weight_codes` gives them) ``quantizer`` quantized."""
+    codes, s_w, z_w, weight, bias = weights
     fitted = _fit_bias_in_int32(bias, grid.scale, s_w)
     if not torch.equal(fitted, s_w):  # a dead channel: its codes on the coarser scale
         shape = (-1, *[1] * (weight.dim() - 1))
@@ -287,16 +378,6 @@ def _layer(
         )
         codes = torch.where(changed, recoded, codes)
         s_w = fitted
-    conv_args = {}
-    if weight.dim() == 4:
-        if module.padding_mode != "zeros":
-            raise ValueError(f"export: {name} pads with {module.padding_mode!r}; zeros only")
-        conv_args = dict(
-            stride=tuple(module.stride),
-            padding=tuple(module.padding),
-            dilation=tuple(module.dilation),
-            groups=module.groups,
-        )
     # s_b = s_x s_w in float32, the product the fake-quant layer rounds its bias with
     bias_scale = (torch.tensor(grid.scale, dtype=torch.float32) * s_w.float()).double()
     accumulator_scale = bias_scale.expand(weight.shape[0])
@@ -304,7 +385,7 @@ def _layer(
         inputs=inputs,
         value=value,
         name=name,
-        kind="conv" if weight.dim() == 4 else "linear",
+        kind="conv" if weight.dim() > 2 else "linear",
         weight_codes=codes,
         weight_scale=s_w,
         weight_zero_point=z_w,
@@ -313,8 +394,18 @@ def _layer(
         bias=bias_codes(bias.float(), accumulator_scale).to(torch.int64),
         input_grid=grid,
         output_grid=output_grid,
-        conv_args=conv_args,
+        conv_args=conv_args or {},
     )
+
+
+def _blocks(weights: tuple[torch.Tensor, ...], count: int) -> list[tuple[torch.Tensor, ...]]:
+    """``(codes, scale, zero_point, weight, bias)`` of a layer split into ``count`` layers
+    along the output channels (an attention's packed Q/K/V projection)."""
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return t.chunk(count) if t.dim() else (t,) * count
+
+    return list(zip(*(split(t) for t in weights), strict=True))
 
 
 class _Planner:
@@ -328,6 +419,7 @@ class _Planner:
                 f"export: torch.fx could not trace {type(model).__name__} "
                 f"({type(err).__name__}: {err}); the export needs a traceable model"
             ) from err
+        self.model = model
         self.ops = classify(traced.graph, traced.modules)
         self.users = data_users(self.ops)
         self.steps: list[Step] = []
@@ -388,14 +480,17 @@ class _Planner:
         ops = op if isinstance(op, list) else [op]
         raise ValueError(
             f"export: cannot run {'; '.join(o.label for o in ops)} on integers{why} "
-            "(supported: quantized Conv2d/Linear with folded or float BatchNorm, "
-            "ReLU/ReLU6, residual add, concatenation, max/average/adaptive-average "
-            "pooling, flatten, dropout, identity)"
+            "(supported: quantized Conv2d/Conv1d/Linear with folded or float BatchNorm, "
+            "self-attention, ReLU/ReLU6, residual add, concatenation, "
+            "max/average/adaptive-average pooling, flatten, transpose, dropout, identity; "
+            "in float: LayerNorm, GELU, mean, adding a Parameter)"
         )
 
     # ------------------------------------------------------------------ the walk
     def run(self) -> DeploymentPlan:
-        unsupported = [op for op in self.ops.values() if op.kind is Kind.FLOAT]
+        unsupported = [
+            op for op in self.ops.values() if op.kind is Kind.FLOAT and _float_op(op) is None
+        ]
         if unsupported:  # all of them at once
             self.refuse(unsupported)
         for node, op in self.ops.items():
@@ -422,8 +517,20 @@ class _Planner:
         self.output = self.names[op.inputs[0]]
 
     def _const(self, node: fx.Node, op: Op) -> None:
-        if self.users[node]:
-            self.refuse(op, " (a parameter or buffer read in forward)")
+        if self.users[node]:  # read as a float tensor (no grid): ops on it run in float
+            tensor = functools.reduce(getattr, str(node.target).split("."), self.model)
+            self.emit(Constant((), node.name, tensor.detach().float()), node, None)
+
+    def _float(self, node: fx.Node, op: Op) -> None:
+        name, attributes = _float_op(op)
+        source = op.inputs[0]
+        step = FloatOp((self.names[source],), node.name, name, self.grid(source), attributes)
+        self.emit(step, node, None)
+
+    def _permute(self, node: fx.Node, op: Op) -> None:
+        source = op.inputs[0]
+        step = Transpose((self.names[source],), node.name, tuple(op.params["dims"]))
+        self.emit(step, node, self.grid(source))
 
     def _identity(self, node: fx.Node, op: Op) -> None:
         self.names[node] = self.names[op.inputs[0]]
@@ -438,13 +545,18 @@ class _Planner:
         module = op.params["module"]
         if not hasattr(module, "weight_quantizer"):
             self.refuse(op, " (a float layer: excluded from quantization)")
+        if isinstance(module, QuantMultiheadAttention):
+            self._attention(node, op, module)
+            return
+        if not isinstance(module, EXPORTED_LAYERS):
+            self.refuse(op, f" ({type(module).__name__} trains quantized but is not exported yet)")
         quantizer = module.activation_quantizer
         grid = grid_of(quantizer, op.where)
         source = self.quantized(op.inputs[0], grid, not quantizer.fake_quant_enabled)
         users = self.users[node]
         bn, value_node = None, node
         if len(users) == 1 and self.ops[users[0]].kind is Kind.LAYER_BN:
-            if not isinstance(module, QuantConv2d) or isinstance(module, QuantConvBn2d):
+            if not isinstance(module, QuantConv2d | QuantConv1d):
                 self.refuse(self.ops[users[0]], " (a float BatchNorm after a folded layer)")
             bn, value_node = self.ops[users[0]].params["module"], users[0]
             self.merged.add(value_node)
@@ -452,6 +564,63 @@ class _Planner:
         output_grid = self.target_grid(value_node)
         step = _layer(op.where, module, bn, grid, output_grid, (source,), value_node.name)
         self.emit(step, value_node, output_grid)
+
+    def _attention(self, node: fx.Node, op: Op, module: QuantMultiheadAttention) -> None:
+        if not module.self_attention:
+            self.refuse(op, " (cross-attention is not exported yet)")
+        masks = [k for k in ("attn_mask", "key_padding_mask") if node.kwargs.get(k) is not None]
+        if masks or len(node.args) > 3:
+            self.refuse(op, f" (an attention mask: {', '.join(masks) or 'positional'})")
+        if any(not (u.target is operator.getitem and u.args[1] == 0) for u in node.users):
+            self.refuse(op, " (its attention weights are read)")
+        quantizer = module.activation_quantizer
+        grid = grid_of(quantizer, op.where)
+        source = self.quantized(op.inputs[0], grid, not quantizer.fake_quant_enabled)
+        operands = [
+            grid_of(getattr(module, f"{part}_quantizer"), op.where)
+            for part in ("query", "key", "value")
+        ]
+        # Q's codes hold Q / sqrt(d): the 1/sqrt(d) folds into its requantization
+        scaled_query = replace(operands[0], scale=operands[0].scale * math.sqrt(module.head_dim))
+        projections = tuple(
+            _layer_step(
+                f"{op.where}.{part}_projection",
+                module.weight_quantizer,
+                weights,
+                grid,
+                output_grid,
+                (source,),
+                f"{node.name}_{part}",
+            )
+            for part, weights, output_grid in zip(
+                ("query", "key", "value"),
+                _blocks(_weight_codes(module, None), 3),
+                (scaled_query, operands[1], operands[2]),
+                strict=True,
+            )
+        )
+        context_grid = grid_of(module.out_proj.activation_quantizer, f"{op.where}.out_proj")
+        output_grid = self.target_grid(node)
+        out_proj = _layer(
+            f"{op.where}.out_proj",
+            module.out_proj,
+            None,
+            context_grid,
+            output_grid,
+            (f"{node.name}_context",),
+            node.name,
+        )
+        step = Attention(
+            (source,),
+            node.name,
+            heads=module.num_heads,
+            projections=projections,
+            operand_grids=tuple(operands),
+            attention_grid=grid_of(module.attention_quantizer, op.where),
+            context_grid=context_grid,
+            out_proj=out_proj,
+        )
+        self.emit(step, node, output_grid)
 
     def _layer_bn(self, node: fx.Node, op: Op) -> None:
         self.refuse(op, " (a float BatchNorm that no quantized conv folds)")
@@ -502,6 +671,29 @@ class _Planner:
         source = op.inputs[0]
         grid = self.grid(source)
         self.emit(Flatten((self.names[source],), node.name, op.params["start_dim"]), node, grid)
+
+
+def _float_op(op: Op) -> tuple[str, dict] | None:
+    """``(name, attributes)`` of a float island the export writes (`FloatOp`), or None."""
+    if len(op.inputs) != 1:
+        return None
+    module = op.params.get("module")
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        weight = None if module.weight is None else module.weight.detach().float()
+        bias = None if module.bias is None else module.bias.detach().float()
+        return "layer_norm", {"weight": weight, "bias": bias, "eps": module.eps}
+    if isinstance(module, nn.GELU):
+        return "gelu", {"approximate": module.approximate}
+    node = op.node
+    if module is None and (node.target is F.gelu or node.target == "gelu"):
+        return "gelu", {"approximate": node.kwargs.get("approximate", "none")}
+    if module is None and (node.target is torch.mean or node.target == "mean"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = (dims,) if isinstance(dims, int) else dims
+        if isinstance(dims, tuple | list) and all(isinstance(d, int) and d != 0 for d in dims):
+            return "mean", {"dims": tuple(dims), "keepdim": bool(keepdim)}
+    return None
 
 
 @torch.no_grad()
