@@ -12,9 +12,10 @@ import torch
 from test_export_graphs import FLOAT_KERNELS, optimized_ops
 from torch import nn
 
-from lightning_qat import QuantConfig, plan_qat, prepare_qat, quantizers
+from lightning_qat import QuantConfig, QuantizationAwareTraining, plan_qat, prepare_qat, quantizers
 from lightning_qat.export import OnnxRuntimeModel, to_integer, to_onnx
 from lightning_qat.nn import QuantConv1d, QuantConvBn1d, QuantConvTranspose2d
+from lightning_qat.prepare import apply_plan
 
 
 def _fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -124,7 +125,7 @@ def test_conv_transpose2d_trains_quantized_and_the_export_refuses_it_by_name():
         to_integer(model.eval())
 
 
-def test_layers_it_does_not_quantize_are_named_and_strict_refuses_them():
+def test_layers_it_does_not_quantize_are_named_and_strict_refuses_them(capsys):
     class Tagger(nn.Module):
         def __init__(self):
             super().__init__()
@@ -147,6 +148,11 @@ def test_layers_it_does_not_quantize_are_named_and_strict_refuses_them():
     by_name = {f.name: f for f in plan.left_float}
     assert by_name["norm"].by_design and not by_name["lstm"].by_design
     assert "scale" in by_name[""].reason
+    callback = QuantizationAwareTraining(QuantConfig())
+    callback._plan = plan  # as at conversion: the layer table lists what stays float
+    callback._print_layers(apply_plan(Tagger(), callback.config, plan))
+    table = capsys.readouterr().out
+    assert "LSTM" in table and "recurrent" in table and "LayerNorm" in table
     with pytest.raises(ValueError, match="strict") as error:
         plan_qat(Tagger(), QuantConfig(strict=True))
     assert "lstm" in str(error.value) and "norm" not in str(error.value)

@@ -34,7 +34,9 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
 
 
 def test_int8_inference_bench_prints_every_runtime_as_a_ratio():
-    out = run_bench("int8_inference.py", "--batch-sizes", "2")
+    models = ("nin", "resnet20", "resnet18", "vit_tiny")
+    out = run_bench("int8_inference.py", "--batch-sizes", "2", "--models", *models)
+    assert all(f"{model} inference, batch 2" in out for model in models), out
     for variant in (
         "PyTorch FP32 eager",
         "onnxruntime FP32",
