@@ -13,7 +13,9 @@ contiguous and channels_last memory, chosen per batch size) and to onnxruntime F
 - PyTorch FP32 eager; onnxruntime FP32 (the float model through torch.onnx.export);
 - ours: `lightning_qat.export.to_onnx` of a QAT model in onnxruntime, symmetric and
   asymmetric (first input quantized: integer-only), and symmetric with the first layer's
-  input left float (the reference implementation's training choice);
+  input left float (the reference implementation's training choice), all with the
+  default weights (exact on every CPU); and symmetric with int8 weights forced
+  (``weight_dtype="int8"``: faster, exact only on CPUs with VNNI or ARM);
 - onnxruntime's own static quantizer on the same float graph (QDQ, uint8 activations,
   int8 per-channel weights: its fastest form on x86; it computes int16 pair sums that
   can saturate on CPUs without VNNI, which ours avoids), after its pre-processing;
@@ -50,6 +52,9 @@ from lightning_qat.app.models import NIN, NIN_WIDTHS, ResNetCifar, vit_tiny
 from lightning_qat.export import OnnxRuntimeModel, to_onnx
 
 Runner = Callable[[np.ndarray], object]
+#: int8 weights everywhere (U8S8): onnxruntime's fastest kernels, exact on CPUs with VNNI
+#: (and ARM), possibly saturating int16 pair sums on x86 without it (to_onnx's docstring)
+OURS_INT8_WEIGHTS = "ours int8 ONNX, symmetric, int8 weights (U8S8)"
 
 
 def build(name: str, quick: bool) -> nn.Module:
@@ -198,14 +203,16 @@ def runners_for(name: str, args: argparse.Namespace, workdir: Path):
     runners["onnxruntime FP32"] = OnnxRuntimeModel(float_onnx, args.threads).run
     sizes["onnxruntime FP32"] = float_onnx.stat().st_size
     ours = {
-        "ours int8 ONNX, symmetric": (True, True),
-        "ours int8 ONNX, asymmetric": (False, True),
-        "ours int8 ONNX, symmetric, float first input": (True, None),
+        "ours int8 ONNX, symmetric": (True, True, "auto"),
+        "ours int8 ONNX, asymmetric": (False, True, "auto"),
+        "ours int8 ONNX, symmetric, float first input": (True, None, "auto"),
+        OURS_INT8_WEIGHTS: (True, True, "int8"),
     }
-    for label, (symmetric, quantize_input) in ours.items():
+    for label, (symmetric, quantize_input, weights) in ours.items():
         config = QuantConfig(symmetric=symmetric, quantize_first_input=bool(quantize_input))
         model = observed_qat(name, args.quick, config, calibration)
-        path = to_onnx(model, workdir / f"{name}_{len(runners)}.onnx", example, quantize_input)
+        path = workdir / f"{name}_{len(runners)}.onnx"
+        path = to_onnx(model, path, example, quantize_input, weight_dtype=weights)
         runners[label] = OnnxRuntimeModel(path, args.threads).run
         sizes[label] = path.stat().st_size
     ort_static = onnxruntime_static_quantization(
