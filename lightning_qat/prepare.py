@@ -34,7 +34,6 @@ from lightning_qat.nn import (
 )
 from lightning_qat.quant import FakeQuantize, QuantConfig
 
-FLOAT_LAYERS = tuple(QUANTIZED_FORM)
 #: The BatchNorms folded into each kind of convolution: SyncBatchNorm too (Lightning's
 #: sync_batchnorm=True converts BatchNorms to it before training starts).
 FOLDING = {
