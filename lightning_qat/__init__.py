@@ -6,7 +6,17 @@ The public API; everything a user imports comes from here.
 from lightning_qat.calibrate import calibrate
 from lightning_qat.callback import QuantizationAwareTraining
 from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
-from lightning_qat.nn import FoldedBatchNorm2d, QuantConv2d, QuantConvBn2d, QuantLinear
+from lightning_qat.float_modules import FloatModule
+from lightning_qat.nn import (
+    FoldedBatchNorm2d,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvBn1d,
+    QuantConvBn2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    QuantMultiheadAttention,
+)
 from lightning_qat.nonfinite import NonFiniteError
 from lightning_qat.nonfinite_guard import NonFiniteGuard
 from lightning_qat.prepare import (
@@ -30,6 +40,7 @@ from lightning_qat.quant import (
 
 __all__ = [
     "FakeQuantize",
+    "FloatModule",
     "FoldedBatchNorm2d",
     "LearnedScaleFakeQuantize",
     "MinMaxObserver",
@@ -37,9 +48,13 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "QuantConfig",
+    "QuantConv1d",
     "QuantConv2d",
+    "QuantConvBn1d",
     "QuantConvBn2d",
+    "QuantConvTranspose2d",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantizationAwareTraining",
     "activation_quantizers",
     "calibrate",
