@@ -144,59 +144,39 @@ def _pair(value: Any) -> tuple[int, int]:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
-def _pool1d_from_module(module: nn.Module) -> PoolSpec | None:
-    if isinstance(module, nn.MaxPool1d) and not module.return_indices:
-        return PoolSpec(
-            "max",
-            _single(module.kernel_size),
-            _single(module.stride or module.kernel_size),
-            _single(module.padding),
-            _single(module.dilation),
-            module.ceil_mode,
-        )
-    if isinstance(module, nn.AvgPool1d):
-        return PoolSpec(
-            "avg",
-            _single(module.kernel_size),
-            _single(module.stride or module.kernel_size),
-            _single(module.padding),
-            ceil_mode=module.ceil_mode,
-            count_include_pad=module.count_include_pad,
-        )
-    if isinstance(module, nn.AdaptiveAvgPool1d) and _single(module.output_size) == (1,):
-        return PoolSpec("avg", global_pool=True)
-    return None
-
-
-def _single(value: Any) -> tuple[int]:
-    return tuple(value) if isinstance(value, tuple | list) else (value,)
+#: (max, average, adaptive average) pooling modules by number of spatial dimensions
+_POOL_MODULES = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d),
+}
 
 
 def _pool_from_module(module: nn.Module) -> PoolSpec | None:
-    if isinstance(module, nn.MaxPool1d | nn.AvgPool1d | nn.AdaptiveAvgPool1d):
-        return _pool1d_from_module(module)
-    if isinstance(module, nn.MaxPool2d):
-        return PoolSpec(
-            "max",
-            _pair(module.kernel_size),
-            _pair(module.stride or module.kernel_size),
-            _pair(module.padding),
-            _pair(module.dilation),
-            module.ceil_mode,
-        )
-    if isinstance(module, nn.AvgPool2d):
-        if module.divisor_override is not None:
-            return None
-        return PoolSpec(
-            "avg",
-            _pair(module.kernel_size),
-            _pair(module.stride or module.kernel_size),
-            _pair(module.padding),
-            ceil_mode=module.ceil_mode,
-            count_include_pad=module.count_include_pad,
-        )
-    if isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == (1, 1):
-        return PoolSpec("avg", global_pool=True)
+    for dims, (max_pool, avg_pool, adaptive_pool) in _POOL_MODULES.items():
+
+        def size(value: Any, dims: int = dims) -> tuple[int, ...]:
+            return tuple(value) if isinstance(value, tuple | list) else (value,) * dims
+
+        if isinstance(module, max_pool) and not module.return_indices:
+            return PoolSpec(
+                "max",
+                size(module.kernel_size),
+                size(module.stride or module.kernel_size),
+                size(module.padding),
+                size(module.dilation),
+                module.ceil_mode,
+            )
+        if isinstance(module, avg_pool) and getattr(module, "divisor_override", None) is None:
+            return PoolSpec(
+                "avg",
+                size(module.kernel_size),
+                size(module.stride or module.kernel_size),
+                size(module.padding),
+                ceil_mode=module.ceil_mode,
+                count_include_pad=module.count_include_pad,
+            )
+        if isinstance(module, adaptive_pool) and size(module.output_size) == (1,) * dims:
+            return PoolSpec("avg", global_pool=True)
     return None
 
 
