@@ -153,6 +153,8 @@ def test_layers_it_does_not_quantize_are_named_and_strict_refuses_them(capsys):
     callback._print_layers(apply_plan(Tagger(), callback.config, plan))
     table = capsys.readouterr().out
     assert "LSTM" in table and "recurrent" in table and "LayerNorm" in table
+    with pytest.raises(ValueError, match=r"lstm \(LSTM\): recurrent layers are not exported"):
+        to_integer(apply_plan(Tagger(), QuantConfig(), plan))
     with pytest.raises(ValueError, match="strict") as error:
         plan_qat(Tagger(), QuantConfig(strict=True))
     assert "lstm" in str(error.value) and "norm" not in str(error.value)

@@ -412,6 +412,17 @@ class _Planner:
     """Walks the classified graph of a prepared model in order and writes the steps."""
 
     def __init__(self, model: nn.Module):
+        recurrent = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if isinstance(m, nn.RNNBase)
+        ]
+        if recurrent:
+            raise ValueError(
+                f"export: {', '.join(recurrent)}: recurrent layers are not exported (QAT "
+                "leaves them float; onnxruntime's dynamic quantization, DynamicQuantizeLSTM, "
+                "runs them with int8 weights on a float export)"
+            )
         try:
             traced = trace(model)
         except Exception as err:  # torch.fx raises many kinds of errors on untraceable code
