@@ -116,13 +116,94 @@ def test_a_1d_cnn_deploys_on_integer_kernels_computing_the_fake_quant_logits(sym
     assert not set(ops) & FLOAT_KERNELS, ops
 
 
-def test_conv_transpose2d_trains_quantized_and_the_export_refuses_it_by_name():
+def decoder() -> nn.Module:
+    """Down, then up twice with transposed convolutions (grouped with output padding; the
+    k=2, s=2 upsampling of U-Nets), then a classifier head."""
+    return nn.Sequential(
+        nn.Conv2d(2, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 2, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+
+
+def _observe(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, *shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_conv_transpose2d_deploys_as_a_convolution_on_spread_out_codes(symmetric, tmp_path):
     torch.manual_seed(0)
-    model = _prepare(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ConvTranspose2d(4, 2, 2, stride=2)))
-    assert isinstance(model[1], QuantConvTranspose2d)
-    model(torch.randn(2, 2, 8, 8))
-    with pytest.raises(ValueError, match=r"1: QuantConvTranspose2d.*not exported yet"):
-        to_integer(model.eval())
+    config = QuantConfig(symmetric=symmetric, quantize_first_input=True)
+    model = _observe(_prepare(decoder(), config).train(), (2, 8, 8))
+    assert isinstance(model[3], QuantConvTranspose2d) and isinstance(model[5], QuantConvTranspose2d)
+    x = torch.randn(32, 2, 8, 8)
+    with torch.no_grad():
+        fake, integer = model(x), to_integer(model)(x)
+    path = to_onnx(model, tmp_path / "model.onnx", torch.zeros(1, 2, 8, 8))
+    deployed = OnnxRuntimeModel(path)(x)
+    scale = fake.abs().mean()
+    assert (integer - fake).abs().mean() / scale < 1e-3
+    assert (deployed - integer).abs().mean() / scale < 1e-3
+    assert torch.equal(deployed.argmax(1), fake.argmax(1))
+    ops = optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1, ops
+    assert "ConvTranspose" not in ops and not set(ops) & FLOAT_KERNELS, ops
+
+
+def test_conv_transpose2d_spreads_its_input_with_the_zero_point():
+    """The integer model's spread-out input, checked position by position: the codes at
+    multiples of the stride, the zero point elsewhere and in the output padding."""
+    torch.manual_seed(0)
+    config = QuantConfig(symmetric=False, quantize_first_input=True)
+    model = _observe(_prepare(decoder(), config).train(), (2, 8, 8))
+    integer = to_integer(model)
+    values = integer.codes(torch.randn(2, 2, 8, 8))
+    index = next(i for i, name in enumerate(integer.values) if name.endswith("_spread"))
+    spread, source = values[integer.values[index]], values[integer.inputs[index][0]]
+    zero_point = model[3].activation_quantizer.zero_point.item()
+    assert spread.shape[-2:] == (8, 8)  # (4 - 1) * 2 + 1 + output padding 1
+    assert torch.equal(spread[..., 0:7:2, 0:7:2], source)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[0:7:2, 0:7:2] = False
+    assert (spread[..., mask] == zero_point).all() and zero_point != 0
+
+
+def test_conv_transpose2d_with_a_batchnorm_after_it_deploys_the_folded_weights():
+    torch.manual_seed(0)
+    float_model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 2, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 16 * 16, 3),
+    )
+    model = _observe(_prepare(float_model, QuantConfig()).train(), (2, 8, 8))
+    x = torch.randn(64, 2, 8, 8)
+    with torch.no_grad():
+        fake, integer = model(x), to_integer(model)(x)
+    # the folded weights are quantized again at export (BN not folded in training)
+    assert (integer - fake).abs().mean() / fake.abs().mean() < 5e-2
+    assert (integer.argmax(1) == fake.argmax(1)).float().mean() > 0.9
+
+
+def test_conv_transpose2d_the_export_cannot_express_is_refused_by_name():
+    torch.manual_seed(0)
+    model = _prepare(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ConvTranspose2d(4, 2, 2, padding=2)))
+    _observe(model.train(), (2, 8, 8))
+    with pytest.raises(ValueError, match=r"1: .*padding larger than dilation"):
+        to_integer(model)
 
 
 def test_layers_it_does_not_quantize_are_named_and_strict_refuses_them(capsys):

@@ -5,7 +5,8 @@
 ``acc = Σ (q_x - z_x)(q_w - z_w) + b_q`` with int8/uint8 codes and an int32 bias of scale
 ``s_x s_w``, and requantizes with a Q31 fixed-point multiplier and a rounding shift to
 the grid of the tensor's next integer consumer; ReLU is a clamp at the zero point, max
-pooling commutes with quantization; a residual add requantizes both inputs to the output
+pooling commutes with quantization; a transposed convolution is a convolution on its
+input spread out with zero-point codes; a residual add requantizes both inputs to the output
 grid with their own multipliers (TFLite's integer add); a concatenation requantizes each
 input. The last layer's accumulator is dequantized: the only floating point after the
 input quantization (besides float islands, which the plan names).
@@ -302,6 +303,23 @@ class IntegerFlatten(nn.Module):
         return q.flatten(self.start_dim, self.end_dim)
 
 
+class IntegerInsertZeros(nn.Module):
+    """Zeros (the zero point, on codes) between neighbouring positions and after the
+    last (`lightning_qat.export.plan.InsertZeros`)."""
+
+    def __init__(self, step: plan.InsertZeros):
+        super().__init__()
+        self.stride, self.end, self.fill = step.stride, step.end, step.fill
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        (s_h, s_w), (e_h, e_w) = self.stride, self.end
+        height, width = q.shape[-2:]
+        shape = (*q.shape[:-2], (height - 1) * s_h + 1 + e_h, (width - 1) * s_w + 1 + e_w)
+        out = q.new_full(shape, self.fill)
+        out[..., : (height - 1) * s_h + 1 : s_h, : (width - 1) * s_w + 1 : s_w] = q
+        return out
+
+
 class IntegerTranspose(nn.Module):
     def __init__(self, step: plan.Transpose):
         super().__init__()
@@ -383,6 +401,7 @@ _STEPS = {
     plan.Pool: IntegerPool,
     plan.ReLU: IntegerReLU,
     plan.Flatten: IntegerFlatten,
+    plan.InsertZeros: IntegerInsertZeros,
     plan.Transpose: IntegerTranspose,
     plan.Constant: IntegerConstant,
     plan.FloatOp: IntegerFloatOp,

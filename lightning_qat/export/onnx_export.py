@@ -407,6 +407,46 @@ class _Exporter:
         else:  # ONNX Flatten makes matrices: keep the leading dimensions (0: copied)
             self._carry("Reshape", step, [self._shape([0] * step.start_dim + [-1])])
 
+    def insert_zeros(self, step: plan.InsertZeros) -> None:
+        """Zero-point codes between neighbouring positions, on the uint8 codes (the zero
+        point lies inside any pending clamp, so the clamp still applies after): each
+        position ``[.., h, w]`` as a block ``[.., h, s_h, w, s_w]`` padded with the zero
+        point, the blocks merged, the trailing fill cut to ``(H - 1) s + 1``, then the
+        output padding added. A following ``DQ -> Conv -> Q`` stays one QLinearConv."""
+        g = self.graph
+        (source,) = step.inputs
+        value = self.values[source]
+        if not isinstance(value, _Codes):
+            raise ValueError("to_onnx: zeros are inserted on codes only")
+        (s_h, s_w), (e_h, e_w) = step.stride, step.end
+        height, width = self.shapes[source][-2:]
+        fill = g.constant(f"{step.value}_fill", np.uint8(value.zero_point))
+        blocks = g.node(
+            "Unsqueeze",
+            [value.name, g.constant("axes", np.array([3, 5], dtype=np.int64))],
+            f"{step.value}_blocks",
+        )
+        pads = np.array([0] * 6 + [0, 0, 0, s_h - 1, 0, s_w - 1], dtype=np.int64)
+        padded = g.node("Pad", [blocks, g.constant("pads", pads), fill], f"{step.value}_pad")
+        merged = g.node(
+            "Reshape", [padded, self._shape([0, 0, height * s_h, width * s_w])], f"{step.value}_m"
+        )
+        spread = [(height - 1) * s_h + 1, (width - 1) * s_w + 1]
+        out = g.node(
+            "Slice",
+            [
+                merged,
+                g.constant("starts", np.zeros(2, np.int64)),
+                g.constant("ends", np.array(spread, np.int64)),
+                g.constant("axes", np.array([2, 3], np.int64)),
+            ],
+            f"{step.value}_spread",
+        )
+        if (e_h, e_w) != (0, 0):
+            pads = np.array([0, 0, 0, 0, 0, 0, e_h, e_w], dtype=np.int64)
+            out = g.node("Pad", [out, g.constant("pads", pads), fill], f"{step.value}_end")
+        self.values[step.value] = value.carried(out)
+
     def transpose(self, step: plan.Transpose) -> None:
         rank = len(self.shapes[step.inputs[0]])
         perm = list(range(rank))
@@ -586,6 +626,7 @@ def to_onnx(
         plan.Pool: exporter.pool,
         plan.ReLU: exporter.relu,
         plan.Flatten: exporter.flatten,
+        plan.InsertZeros: exporter.insert_zeros,
         plan.Transpose: exporter.transpose,
         plan.Constant: exporter.constant,
         plan.FloatOp: exporter.float_op,

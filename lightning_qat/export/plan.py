@@ -18,7 +18,10 @@ a value is either float or integer codes on a `QuantGrid`:
 - `Pool`: max pooling on codes (it commutes with quantization), average pooling with the
   mean rounded on codes and requantized, or either in float;
 - `ReLU` (a clamp at the zero point on codes; ReLU6 also at the code of 6.0) and
-  `Flatten`.
+  `Flatten`;
+- `InsertZeros`: a transposed convolution's input spread out with zeros (codes: the zero
+  point) between neighbouring positions, so that the transposed convolution runs as an
+  ordinary `QuantizedLayer` convolution (flipped weights, stride 1) on integer kernels.
 
 Dropout, identity, folded BatchNorms and activation quantizers whose input is already on
 their grid write no step: their output is their input's value. `to_integer` (the exact
@@ -47,6 +50,7 @@ from lightning_qat.nn import (
     QuantConvBn1d,
     QuantConvBn2d,
     QuantConvBnMixin,
+    QuantConvTranspose2d,
     QuantLinear,
     QuantMultiheadAttention,
 )
@@ -54,7 +58,14 @@ from lightning_qat.nn.pruning import apply_pruning
 from lightning_qat.quant import FakeQuantize, bias_codes, compute_qparams
 
 #: The quantized layers the deployment plan writes.
-EXPORTED_LAYERS = (QuantConv2d, QuantConvBn2d, QuantLinear, QuantConv1d, QuantConvBn1d)
+EXPORTED_LAYERS = (
+    QuantConv2d,
+    QuantConvBn2d,
+    QuantLinear,
+    QuantConv1d,
+    QuantConvBn1d,
+    QuantConvTranspose2d,
+)
 INT32_MAX = 2**31 - 1
 
 
@@ -163,6 +174,24 @@ class ReLU(Step):
 class Flatten(Step):
     start_dim: int = 1
     end_dim: int = -1
+
+
+@dataclass
+class InsertZeros(Step):
+    """``stride - 1`` zeros between neighbouring input positions of each spatial
+    dimension and ``end`` more after the last one: ``[H, W]`` becomes ``[(H - 1) s_h + 1 +
+    end_h, (W - 1) s_w + 1 + end_w]``, the input at ``[i s_h, j s_w]``. On codes a zero is
+    the zero point ``fill`` (the grid is kept).
+
+    A transposed convolution with stride ``s``, padding ``p``, dilation ``d``, kernel
+    ``k`` and output padding ``o`` is this, then an ordinary convolution with stride 1,
+    padding ``d (k - 1) - p``, the same dilation and groups, and the kernel flipped in
+    both spatial dimensions (Dumoulin and Visin 2016, "A guide to convolution arithmetic
+    for deep learning", section 4.6); ``end = o``."""
+
+    stride: tuple[int, int] = (1, 1)
+    end: tuple[int, int] = (0, 0)
+    fill: int = 0
 
 
 @dataclass
@@ -282,7 +311,10 @@ def _weight_codes(
         factor = layer.fold_factor()
         weight, bias = layer.weight_to_quantize(), layer.folded_bias(factor)
     else:
-        weight = layer.weight
+        # output channels first (a transposed convolution's weight is stored input first)
+        weight = (
+            layer.weight_to_quantize() if hasattr(layer, "weight_to_quantize") else layer.weight
+        )
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     shape = (-1, *[1] * (weight.dim() - 1))
     if following_bn is None:
@@ -347,8 +379,21 @@ def _layer(
             dilation=tuple(module.dilation),
             groups=module.groups,
         )
+    if isinstance(module, QuantConvTranspose2d):  # after `InsertZeros`: see its docstring
+        codes, scale, zero_point, weight, bias = weights
+        weights = (codes.flip(2, 3), scale, zero_point, weight.flip(2, 3), bias)
+        conv_args.update(stride=(1, 1), padding=_transposed_padding(module))
     return _layer_step(
         name, module.weight_quantizer, weights, grid, output_grid, inputs, value, conv_args
+    )
+
+
+def _transposed_padding(module: nn.ConvTranspose2d) -> tuple[int, ...]:
+    """``d (k - 1) - p`` per spatial dimension: the padding of the convolution that a
+    transposed convolution is on its zero-spread input (negative: not expressible)."""
+    return tuple(
+        d * (k - 1) - p
+        for d, k, p in zip(module.dilation, module.kernel_size, module.padding, strict=True)
     )
 
 
@@ -491,7 +536,7 @@ class _Planner:
         ops = op if isinstance(op, list) else [op]
         raise ValueError(
             f"export: cannot run {'; '.join(o.label for o in ops)} on integers{why} "
-            "(supported: quantized Conv2d/Conv1d/Linear with folded or float BatchNorm, "
+            "(supported: quantized Conv2d/Conv1d/ConvTranspose2d/Linear with folded or float BatchNorm, "
             "self-attention, ReLU/ReLU6, residual add, concatenation, "
             "max/average/adaptive-average pooling, flatten, transpose, dropout, identity; "
             "in float: LayerNorm, GELU, mean, adding a Parameter)"
@@ -564,10 +609,12 @@ class _Planner:
         quantizer = module.activation_quantizer
         grid = grid_of(quantizer, op.where)
         source = self.quantized(op.inputs[0], grid, not quantizer.fake_quant_enabled)
+        if isinstance(module, QuantConvTranspose2d):
+            source = self._insert_zeros(node, op, module, source, grid)
         users = self.users[node]
         bn, value_node = None, node
         if len(users) == 1 and self.ops[users[0]].kind is Kind.LAYER_BN:
-            if not isinstance(module, QuantConv2d | QuantConv1d):
+            if not isinstance(module, QuantConv2d | QuantConv1d | QuantConvTranspose2d):
                 self.refuse(self.ops[users[0]], " (a float BatchNorm after a folded layer)")
             bn, value_node = self.ops[users[0]].params["module"], users[0]
             self.merged.add(value_node)
@@ -575,6 +622,23 @@ class _Planner:
         output_grid = self.target_grid(value_node)
         step = _layer(op.where, module, bn, grid, output_grid, (source,), value_node.name)
         self.emit(step, value_node, output_grid)
+
+    def _insert_zeros(
+        self, node: fx.Node, op: Op, module: QuantConvTranspose2d, source: str, grid: QuantGrid
+    ) -> str:
+        """The codes ``source`` spread out for the convolution a transposed convolution
+        runs as (`InsertZeros`); ``source`` itself where there is nothing to spread."""
+        if len(node.args) > 1 or node.kwargs:
+            self.refuse(op, " (an output_size passed in forward)")
+        if any(p < 0 for p in _transposed_padding(module)):
+            self.refuse(op, " (padding larger than dilation x (kernel - 1))")
+        stride, end = tuple(module.stride), tuple(module.output_padding)
+        if stride == (1, 1) and end == (0, 0):
+            return source
+        value = f"{node.name}_spread"
+        self.steps.append(InsertZeros((source,), value, stride, end, grid.zero_point))
+        self.grids[value] = grid
+        return value
 
     def _attention(self, node: fx.Node, op: Op, module: QuantMultiheadAttention) -> None:
         if not module.self_attention:

@@ -381,7 +381,9 @@ class Classifier:
             and len(source.users) == 1
             and self.ops.get(source) is not None
             and self.ops[source].kind is Kind.LAYER
-            and isinstance(self.ops[source].params.get("module"), nn.Conv1d | nn.Conv2d)
+            and isinstance(
+                self.ops[source].params.get("module"), nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d
+            )
         )
 
     def _function_op(self, node: fx.Node) -> Op:
