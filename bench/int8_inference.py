@@ -23,17 +23,28 @@ contiguous and channels_last memory, chosen per batch size) and to onnxruntime F
   graph mode for the residual models) where torch still ships it.
 
 Speed does not depend on what the weights are, so the QAT models have their activation
-ranges observed on a few random batches rather than trained. The variants are timed
-round-robin (one call of each per round) so that load on this shared machine hits them
-alike; the median per variant is reported. Sizes: the ONNX files, and torch.save of the
-state_dict for the PyTorch rows.
+ranges observed on a few random batches rather than trained.
+
+Each variant runs in its own process, as a user runs one model per process: in one
+process, the runtimes' idle threads (onnxruntime's spinning intra-op pools, one per
+session, and torch's OpenMP workers) keep spinning after a call and steal the cores from
+the next variant, which moved ratios by 1.5x depending on the order (measured on the
+ViT). The parent exports every file once; a child process loads one variant, warms it
+up and times ``--rounds`` calls per batch size (median). ``--passes`` such processes per
+variant are alternated (the order rotated each pass) so that load on this shared machine
+hits every variant alike; the table gives the median over the passes. Sizes: the ONNX
+files, and torch.save of the state_dict for the PyTorch rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -163,115 +174,184 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-def time_round_robin(
-    runners: dict[str, Runner], x: np.ndarray, rounds: int, warmup: int
-) -> dict[str, float]:
-    for run in runners.values():
-        for _ in range(warmup):
-            run(x)
-    times: dict[str, list[float]] = {name: [] for name in runners}
+def time_calls(run: Runner, x: np.ndarray, rounds: int, warmup: int) -> float:
+    """The median of ``rounds`` timed calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run(x)
+    times = []
     for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 ORT_STATIC = "onnxruntime quantize_static (QDQ u8s8)"
 TORCH_AO = "torch.ao int8 (x86)"
 
 
-def runners_for(name: str, args: argparse.Namespace, workdir: Path):
-    """``(eager layouts, runners, sizes)`` of one model's variants."""
+EAGER = "PyTorch FP32 eager"
+ORT_FP32 = "onnxruntime FP32"
+#: ours: (symmetric, quantize_input, weight_dtype)
+OURS = {
+    "ours int8 ONNX, symmetric": (True, True, "auto"),
+    "ours int8 ONNX, asymmetric": (False, True, "auto"),
+    "ours int8 ONNX, symmetric, float first input": (True, None, "auto"),
+    OURS_INT8_WEIGHTS: (True, True, "int8"),
+}
+
+
+def float_model_and_batches(name: str, quick: bool) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The float model (BN statistics other than the identity, as after training) and the
+    calibration batches, the same in every process (seeded)."""
     torch.manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32) for _ in range(4)]
-    float_model = build(name, args.quick).eval()
-    with torch.no_grad():  # BN statistics other than the identity, as after training
+    float_model = build(name, quick).eval()
+    with torch.no_grad():
         float_model.train()
         for x in calibration:
             float_model(x)
         float_model.eval()
+    return float_model, calibration
+
+
+def torch_ao_model(name: str, quick: bool) -> nn.Module | None:
+    float_model, calibration = float_model_and_batches(name, quick)
+    fresh = build(name, quick).eval()
+    fresh.load_state_dict(float_model.state_dict())
+    convert = torch_ao_int8 if isinstance(fresh, nn.Sequential) else torch_ao_int8_fx
+    return convert(fresh, calibration)
+
+
+def export_variants(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
+    """Every variant of one model: ``{label: {"onnx": path} | {"torch": kind}, "size":
+    bytes}``, the ONNX files written to ``workdir``."""
+    float_model, calibration = float_model_and_batches(name, args.quick)
     example = calibration[0][:1]
-    sizes = {"PyTorch FP32 eager": state_dict_bytes(float_model)}
-    runners: dict[str, Runner] = {}
-    eager = {
-        "contiguous": torch_runner(float_model, channels_last=False),
-        "channels_last": torch_runner(float_model, channels_last=True),
-    }
+    variants: dict[str, dict] = {EAGER: {"torch": "eager", "size": state_dict_bytes(float_model)}}
     float_onnx = export_float_onnx(float_model, workdir / f"{name}_fp32.onnx", example)
-    runners["onnxruntime FP32"] = OnnxRuntimeModel(float_onnx, args.threads).run
-    sizes["onnxruntime FP32"] = float_onnx.stat().st_size
-    ours = {
-        "ours int8 ONNX, symmetric": (True, True, "auto"),
-        "ours int8 ONNX, asymmetric": (False, True, "auto"),
-        "ours int8 ONNX, symmetric, float first input": (True, None, "auto"),
-        OURS_INT8_WEIGHTS: (True, True, "int8"),
-    }
-    for label, (symmetric, quantize_input, weights) in ours.items():
+    variants[ORT_FP32] = {"onnx": str(float_onnx), "size": float_onnx.stat().st_size}
+    for label, (symmetric, quantize_input, weights) in OURS.items():
         config = QuantConfig(symmetric=symmetric, quantize_first_input=bool(quantize_input))
         model = observed_qat(name, args.quick, config, calibration)
-        path = workdir / f"{name}_{len(runners)}.onnx"
+        path = workdir / f"{name}_{len(variants)}.onnx"
         path = to_onnx(model, path, example, quantize_input, weight_dtype=weights)
-        runners[label] = OnnxRuntimeModel(path, args.threads).run
-        sizes[label] = path.stat().st_size
+        variants[label] = {"onnx": str(path), "size": path.stat().st_size}
     ort_static = onnxruntime_static_quantization(
         float_onnx, workdir / f"{name}_ort.onnx", calibration
     )
     if ort_static is not None:
-        runners[ORT_STATIC] = OnnxRuntimeModel(ort_static, args.threads).run
-        sizes[ORT_STATIC] = ort_static.stat().st_size
-    fresh = build(name, args.quick).eval()
-    fresh.load_state_dict(float_model.state_dict())
-    convert = torch_ao_int8 if isinstance(fresh, nn.Sequential) else torch_ao_int8_fx
-    ao_model = convert(fresh, calibration)
+        variants[ORT_STATIC] = {"onnx": str(ort_static), "size": ort_static.stat().st_size}
+    ao_model = torch_ao_model(name, args.quick)
     if ao_model is not None:
-        runners[TORCH_AO] = torch_runner(ao_model, channels_last=True)
-        sizes[TORCH_AO] = state_dict_bytes(ao_model)
+        variants[TORCH_AO] = {"torch": "ao", "size": state_dict_bytes(ao_model)}
     else:
         print(f"torch.ao: not shipped by torch {torch.__version__}, skipped")
-    return eager, runners, sizes
+    return variants
+
+
+def inputs(batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+
+
+def time_variant(name: str, variant: dict, args: argparse.Namespace) -> dict[str, list]:
+    """In this process: ``{batch: [seconds, layout]}`` of one variant (the eager model in
+    the faster of its two memory layouts, per batch size)."""
+    torch.set_num_threads(args.threads)
+    if "onnx" in variant:
+        runners = {"": OnnxRuntimeModel(variant["onnx"], args.threads).run}
+    elif variant["torch"] == "eager":
+        model = float_model_and_batches(name, args.quick)[0]
+        runners = {
+            "contiguous": torch_runner(model, channels_last=False),
+            "channels_last": torch_runner(copy.deepcopy(model), channels_last=True),
+        }
+    else:
+        runners = {"": torch_runner(torch_ao_model(name, args.quick), channels_last=True)}
+    timed = {}
+    for batch in args.batch_sizes:
+        x = inputs(batch)
+        layouts = {k: time_calls(run, x, args.rounds, args.warmup) for k, run in runners.items()}
+        best = min(layouts, key=layouts.get)
+        timed[str(batch)] = [layouts[best], best]
+    return timed
+
+
+def time_in_child(name: str, variant: dict, args: argparse.Namespace) -> dict[str, list]:
+    """`time_variant` in a fresh process."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        json.dumps(variant),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+        "--rounds",
+        str(args.rounds),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        *(["--quick"] if args.quick else []),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing {name} {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["nin", "resnet20", "resnet18"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
-    parser.add_argument("--rounds", type=int, default=9, help="timed calls per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    parser.add_argument("--rounds", type=int, default=9, help="timed calls per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per process")
+    parser.add_argument("--passes", type=int, default=3, help="processes per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # MODEL VARIANT_JSON
     args = parser.parse_args(argv)
+    if args.child:
+        name, variant = args.child
+        print(json.dumps(time_variant(name, json.loads(variant), args)))
+        return {}
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="int8_inference_"))
     print(
         f"{args.threads} threads, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"median of {args.rounds} rounds"
+        f"one process per variant, median of {args.passes} processes x {args.rounds} calls"
     )
     results: dict[str, dict[str, float]] = {}
     for name in args.models:
-        eager, runners, sizes = runners_for(name, args, workdir)
-        for batch in args.batch_sizes:
-            x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-            layout = time_round_robin(eager, x, args.rounds, args.warmup)
-            best = min(layout, key=layout.get)
-            timed = time_round_robin(
-                {"PyTorch FP32 eager": eager[best], **runners}, x, args.rounds, args.warmup
-            )
+        variants = export_variants(name, args, workdir)
+        labels = list(variants)
+        runs: dict[str, list[dict[str, list]]] = {label: [] for label in labels}
+        for index in range(args.passes):
+            shift = index % len(labels)  # each variant first in some pass
+            for label in labels[shift:] + labels[:shift]:
+                runs[label].append(time_in_child(name, variants[label], args))
+        for batch in map(str, args.batch_sizes):
+            timed = {
+                label: statistics.median(run[batch][0] for run in runs[label]) for label in labels
+            }
+            layouts = [run[batch][1] for run in runs[EAGER]]
+            layout = max(set(layouts), key=layouts.count)
             results[f"{name}, batch {batch}"] = timed
-            print(f"\n{name} inference, batch {batch} (PyTorch FP32 eager: {best}, the faster)")
+            print(f"\n{name} inference, batch {batch} (PyTorch FP32 eager: {layout}, the faster)")
             print(
                 "| variant | latency (ms) | vs PyTorch FP32 | vs onnxruntime FP32 "
                 "| size (KB) | smaller |"
             )
             print("|---|---:|---:|---:|---:|---:|")
-            base, ort_fp32 = timed["PyTorch FP32 eager"], timed["onnxruntime FP32"]
-            base_size = sizes["PyTorch FP32 eager"]
+            base, ort_fp32 = timed[EAGER], timed[ORT_FP32]
+            base_size = variants[EAGER]["size"]
             for label, seconds in timed.items():
+                size = variants[label]["size"]
                 print(
                     f"| {label} | {seconds * 1e3:.1f} | {base / seconds:.2f}x "
-                    f"| {ort_fp32 / seconds:.2f}x | {sizes[label] / 1024:.0f} "
-                    f"| {base_size / sizes[label]:.2f}x |"
+                    f"| {ort_fp32 / seconds:.2f}x | {size / 1024:.0f} "
+                    f"| {base_size / size:.2f}x |"
                 )
     return results
 
