@@ -178,7 +178,7 @@ def test_conv_transpose2d_spreads_its_input_with_the_zero_point():
     assert (spread[..., mask] == zero_point).all() and zero_point != 0
 
 
-def test_conv_transpose2d_with_a_batchnorm_after_it_deploys_the_folded_weights():
+def test_conv_transpose2d_with_a_batchnorm_after_it_deploys_its_fake_quant_model():
     torch.manual_seed(0)
     float_model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
@@ -189,13 +189,19 @@ def test_conv_transpose2d_with_a_batchnorm_after_it_deploys_the_folded_weights()
         nn.Flatten(),
         nn.Linear(4 * 16 * 16, 3),
     )
-    model = _observe(_prepare(float_model, QuantConfig()).train(), (2, 8, 8))
+    config = QuantConfig(quantize_first_input=True)
+    model = _observe(_prepare(float_model, config).train(), (2, 8, 8))
     x = torch.randn(64, 2, 8, 8)
-    with torch.no_grad():
-        fake, integer = model(x), to_integer(model)(x)
-    # the folded weights are quantized again at export (BN not folded in training)
-    assert (integer - fake).abs().mean() / fake.abs().mean() < 5e-2
-    assert (integer.argmax(1) == fake.argmax(1)).float().mean() > 0.9
+    integer = to_integer(model)
+    with torch.no_grad():  # the codes the Linear reads, fake-quant and deployed
+        quantizer = model[6].activation_quantizer
+        fake = torch.round(quantizer(model[:5](x)) / quantizer.scale) + quantizer.zero_point
+    values = integer.codes(x)
+    deployed = values[integer.inputs[-1][0]].reshape(fake.shape)
+    # the BN (not folded in training) folds into the weight scales, the codes kept: the
+    # codes agree up to rounding ties (float BN arithmetic in the fake-quant model)
+    differ = (deployed - fake).abs()
+    assert differ.max() <= 1 and (differ > 0).float().mean() < 1e-3
 
 
 def test_conv_transpose2d_the_export_cannot_express_is_refused_by_name():

@@ -138,15 +138,52 @@ def test_integer_layers_hold_integers_only(trained):
             assert step.m0.dtype == torch.int64
 
 
-def test_unfolded_batchnorm_is_folded_on_export_and_its_cost_measured():
+def test_unfolded_batchnorm_deploys_as_its_fake_quant_model_on_digits():
     config = QuantConfig(bn_fold=False, quantize_first_input=True)
     model, data = train_qat_digits(config)
     integer = to_integer(model)
     x, y = (torch.cat(t) for t in zip(*data.test_dataloader(), strict=True))
     with torch.no_grad():
-        fake_acc = (model(x).argmax(1) == y).float().mean().item()
-        int_acc = (integer(x).argmax(1) == y).float().mean().item()
-    assert fake_acc > 0.9 and int_acc > fake_acc - 0.05
+        fake, deployed = model(x).argmax(1), integer(x).argmax(1)
+    assert (fake == y).float().mean() > 0.9
+    assert (deployed == fake).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_codes(symmetric):
+    """The BN after an unfolded conv scales each output channel: folded into the weight
+    scale and the bias, the trained codes kept (mirrored on the grid where gamma < 0)."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 4),
+    )
+    config = QuantConfig(bn_fold=False, symmetric=symmetric, quantize_first_input=True)
+    model = prepare_qat(float_model, config).train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, 6, 6))
+        model[1].weight[::3] *= -1  # some channels flip their sign
+    model.eval()
+    x = torch.randn(64, 3, 6, 6)
+    with torch.no_grad():
+        fake, deployed = model(x), to_integer(model)(x)
+    assert (deployed - fake).abs().mean() / fake.abs().mean() < 1e-3
+    step = next(s for s in plan_deployment(model) if isinstance(s, QuantizedLayer))
+    quantizer = model[0].weight_quantizer
+    shape = (-1, 1, 1, 1)
+    trained = quantizer(model[0].weight).detach().double()
+    codes = torch.round(trained / quantizer.scale.reshape(shape)).long()
+    codes = codes + quantizer.zero_point.reshape(shape)  # as trained
+    negative = (model[1].weight < 0).reshape(shape)
+    mirror = quantizer.quant_min + quantizer.quant_max
+    assert torch.equal(step.weight_codes, torch.where(negative, mirror - codes, codes))
+    assert step.weight_codes.min() >= quantizer.quant_min
+    assert step.weight_codes.max() <= quantizer.quant_max
+    assert negative.any() and (codes == quantizer.quant_min).any()  # the mirror is needed
 
 
 def test_unsupported_modules_are_named():

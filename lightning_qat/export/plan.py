@@ -55,7 +55,7 @@ from lightning_qat.nn import (
     QuantMultiheadAttention,
 )
 from lightning_qat.nn.pruning import apply_pruning
-from lightning_qat.quant import FakeQuantize, bias_codes, compute_qparams
+from lightning_qat.quant import FakeQuantize, bias_codes
 
 #: The quantized layers the deployment plan writes.
 EXPORTED_LAYERS = (
@@ -303,9 +303,8 @@ def _weight_codes(
     computes them.
 
     The codes are read back from the weight quantizer's own output, so they are those the
-    fake-quant model multiplies with, bit for bit. An unfolded BatchNorm after the layer is
-    folded in here and the folded weight re-quantized with ranges from its own values (the
-    cost of not folding in training)."""
+    fake-quant model multiplies with, bit for bit. An unfolded BatchNorm after the layer
+    (`_fold_into_scales`) is folded into the weight scales and the bias, the codes kept."""
     quantizer = layer.weight_quantizer
     if isinstance(layer, QuantConvBnMixin):
         factor = layer.fold_factor()
@@ -317,28 +316,49 @@ def _weight_codes(
         )
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     shape = (-1, *[1] * (weight.dim() - 1))
-    if following_bn is None:
-        # an eval forward computes the scales of the current weights where observing
-        fake = quantizer(weight).double()
-        scale, zero_point = quantizer.scale.detach().double(), quantizer.zero_point.long()
-        view = scale.reshape(shape) if quantizer.per_channel else scale
-        z = zero_point.reshape(shape) if quantizer.per_channel else zero_point
-        codes = torch.round(fake / view).long() + z
-        return codes, scale, zero_point, weight.detach(), bias.detach()
-    bn = following_bn
-    factor = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = weight * factor.reshape(shape)
-    bias = bn.bias + (bias - bn.running_mean) * factor
-    dims = tuple(range(1, weight.dim()))
-    low = weight.amin(dim=dims) if quantizer.per_channel else weight.min()
-    high = weight.amax(dim=dims) if quantizer.per_channel else weight.max()
-    scale, zero_point = compute_qparams(
-        low, high, quantizer.quant_min, quantizer.quant_max, quantizer.symmetric
-    )
+    # an eval forward computes the scales of the current weights where observing
+    fake = quantizer(weight).double()
+    scale, zero_point = quantizer.scale.detach().double(), quantizer.zero_point.long()
     view = scale.reshape(shape) if quantizer.per_channel else scale
     z = zero_point.reshape(shape) if quantizer.per_channel else zero_point
-    codes = quantize_codes(weight, view, z, quantizer.quant_min, quantizer.quant_max)
-    return codes, scale.double(), zero_point.long(), weight.detach(), bias.detach()
+    codes = torch.round(fake / view).long() + z
+    weights = codes, scale, zero_point, weight.detach(), bias.detach()
+    if following_bn is None:
+        return weights
+    return _fold_into_scales(weights, following_bn, quantizer)
+
+
+def _fold_into_scales(
+    weights: tuple[torch.Tensor, ...], bn: nn.modules.batchnorm._BatchNorm, quantizer: FakeQuantize
+) -> tuple[torch.Tensor, ...]:
+    """A layer's weights (as `_weight_codes` gives them) with the eval BatchNorm after it
+    folded in, exactly: the trained codes are kept.
+
+    The BatchNorm scales output channel ``c`` by ``f_c = gamma_c / sqrt(var_c + eps)``
+    and shifts it by ``beta_c - f_c mu_c``. On the accumulator ``s_x s_w (acc + b_q)`` that
+    is a per-channel scale, so the folded layer has weight scale ``s_w |f_c|`` and the
+    shift in its bias: what the fake-quant model computes, up to the rounding of the
+    shift to the int32 bias grid. Where ``f_c < 0`` the channel's codes are mirrored on
+    the grid, ``q' = qmin + qmax - q`` and ``z' = qmin + qmax - z`` (so ``q' - z' = -(q -
+    z)``), which stays on the grid for any ``q`` (a plain negation would not: ``-qmin``).
+    Folding the float weight and quantizing it again would cost what training never saw.
+    """
+    codes, scale, zero_point, weight, bias = weights
+    channels = codes.shape[0]
+    shape = (-1, *[1] * (codes.dim() - 1))
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    factor = (gamma * torch.rsqrt(bn.running_var + bn.eps)).detach()
+    mirror = quantizer.quant_min + quantizer.quant_max
+    negative = factor < 0
+    zero_point = zero_point.expand(channels)
+    return (
+        torch.where(negative.reshape(shape), mirror - codes, codes),
+        scale.expand(channels) * factor.abs().double(),
+        torch.where(negative, mirror - zero_point, zero_point),
+        weight * factor.reshape(shape),
+        (beta + (bias - bn.running_mean) * factor).detach(),
+    )
 
 
 def _fit_bias_in_int32(
@@ -536,8 +556,8 @@ class _Planner:
         ops = op if isinstance(op, list) else [op]
         raise ValueError(
             f"export: cannot run {'; '.join(o.label for o in ops)} on integers{why} "
-            "(supported: quantized Conv2d/Conv1d/ConvTranspose2d/Linear with folded or float BatchNorm, "
-            "self-attention, ReLU/ReLU6, residual add, concatenation, "
+            "(supported: quantized Conv2d/Conv1d/ConvTranspose2d/Linear with folded or "
+            "float BatchNorm, self-attention, ReLU/ReLU6, residual add, concatenation, "
             "max/average/adaptive-average pooling, flatten, transpose, dropout, identity; "
             "in float: LayerNorm, GELU, mean, adding a Parameter)"
         )
