@@ -5,7 +5,9 @@ float in the deployed model too: either by design (a normalisation is a float is
 DESIGN.md section 6; the user excluded it) or because lightning-qat does not quantize it
 (an LSTM, a Conv3d, an attention with separate key/value widths, a Parameter the model
 adds in its own ``forward``). `prepare_qat` names every one; ``QuantConfig(strict=True)``
-refuses the second kind.
+refuses the second kind. A module whose class sets ``float_island`` (a string: why its
+float computation is by design, e.g. a learned position embedding added before a
+LayerNorm) counts as the first kind.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def float_modules(
         elif isinstance(module, NORMALIZATIONS):
             reason = "normalisation: a float island (runtimes normalise in float)"
             found.append(FloatModule(name, kind, reason, True))
+        elif isinstance(getattr(module, "float_island", None), str):
+            found.append(FloatModule(name, kind, f"float island: {module.float_island}", True))
         else:
             found.append(
                 FloatModule(name, kind, _reason(module, parameters, float_attention), False)

@@ -256,3 +256,13 @@ def test_fully_quantized_cnn_names_nothing():
         warnings.simplefilter("error")
         plan = plan_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
     assert plan.left_float == []
+
+
+def test_a_module_marked_float_island_is_float_by_design():
+    from lightning_qat.app.models import vit_tiny
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = plan_qat(vit_tiny(width=32, depth=1, heads=2), QuantConfig(strict=True))
+    (embedding,) = [f for f in plan.left_float if f.name == "position_embedding"]
+    assert embedding.by_design and "position embedding" in embedding.reason

@@ -10,6 +10,9 @@ class PositionEmbedding(nn.Module):
     """Adds a learned position embedding ``[1, tokens, width]`` to the tokens (float: the
     sum feeds a LayerNorm, a float island, in the deployed model too)."""
 
+    #: by design float (`lightning_qat.float_modules`): ``QuantConfig(strict=True)`` accepts it
+    float_island = "a learned position embedding, added in float before a LayerNorm"
+
     def __init__(self, tokens: int, width: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, tokens, width))
