@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from test_export_graphs import FLOAT_KERNELS, optimized_ops
+from test_export_graphs import FLOAT_KERNELS, assert_deploys_the_fake_quant_logits
 from torch import nn
 
 from lightning_qat import QuantConfig, QuantizationAwareTraining, plan_qat, prepare_qat, quantizers
-from lightning_qat.export import OnnxRuntimeModel, to_integer, to_onnx
+from lightning_qat.export import to_integer
 from lightning_qat.nn import QuantConv1d, QuantConvBn1d, QuantConvTranspose2d
 from lightning_qat.prepare import apply_plan
 
@@ -102,16 +102,7 @@ def test_a_1d_cnn_deploys_on_integer_kernels_computing_the_fake_quant_logits(sym
         for _ in range(3):
             model(torch.randn(8, 2, 64))
     model.eval()
-    x = torch.randn(32, 2, 64)
-    with torch.no_grad():
-        fake, integer = model(x), to_integer(model)(x)
-    path = to_onnx(model, tmp_path / "model.onnx", torch.zeros(1, 2, 64))
-    deployed = OnnxRuntimeModel(path)(x)
-    scale = fake.abs().mean()
-    assert (integer - fake).abs().mean() / scale < 1e-3
-    assert (deployed - integer).abs().mean() / scale < 1e-3
-    assert torch.equal(deployed.argmax(1), fake.argmax(1))
-    ops = optimized_ops(path, tmp_path)
+    ops = assert_deploys_the_fake_quant_logits(model, torch.randn(32, 2, 64), tmp_path)
     assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1, ops
     assert not set(ops) & FLOAT_KERNELS, ops
 
@@ -146,16 +137,7 @@ def test_conv_transpose2d_deploys_as_a_convolution_on_spread_out_codes(symmetric
     config = QuantConfig(symmetric=symmetric, quantize_first_input=True)
     model = _observe(_prepare(decoder(), config).train(), (2, 8, 8))
     assert isinstance(model[3], QuantConvTranspose2d) and isinstance(model[5], QuantConvTranspose2d)
-    x = torch.randn(32, 2, 8, 8)
-    with torch.no_grad():
-        fake, integer = model(x), to_integer(model)(x)
-    path = to_onnx(model, tmp_path / "model.onnx", torch.zeros(1, 2, 8, 8))
-    deployed = OnnxRuntimeModel(path)(x)
-    scale = fake.abs().mean()
-    assert (integer - fake).abs().mean() / scale < 1e-3
-    assert (deployed - integer).abs().mean() / scale < 1e-3
-    assert torch.equal(deployed.argmax(1), fake.argmax(1))
-    ops = optimized_ops(path, tmp_path)
+    ops = assert_deploys_the_fake_quant_logits(model, torch.randn(32, 2, 8, 8), tmp_path)
     assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1, ops
     assert "ConvTranspose" not in ops and not set(ops) & FLOAT_KERNELS, ops
 

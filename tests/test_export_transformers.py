@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
-from test_export_graphs import optimized_ops
+from test_export_graphs import assert_deploys_the_fake_quant_logits, optimized_ops
 from torch import nn
 
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.app.models import vit_tiny
-from lightning_qat.export import OnnxRuntimeModel, to_integer, to_onnx
+from lightning_qat.export import to_integer, to_onnx
 
 DEPTH = 2
 #: onnxruntime's float kernels for what must run on integers here (the residual adds
@@ -40,15 +40,7 @@ def observed_vit(request):
 
 def test_the_integer_reference_and_onnx_compute_the_fake_quant_logits(observed_vit, tmp_path):
     torch.manual_seed(1)
-    x = torch.randn(16, 3, 32, 32)
-    with torch.no_grad():
-        fake, integer = observed_vit(x), to_integer(observed_vit)(x)
-    path = to_onnx(observed_vit, tmp_path / "vit.onnx", torch.zeros(1, 3, 32, 32))
-    deployed = OnnxRuntimeModel(path)(x)
-    scale = fake.abs().mean()
-    assert (integer - fake).abs().mean() / scale < 1e-3
-    assert (deployed - integer).abs().mean() / scale < 1e-3
-    assert torch.equal(deployed.argmax(1), fake.argmax(1))
+    assert_deploys_the_fake_quant_logits(observed_vit, torch.randn(16, 3, 32, 32), tmp_path)
 
 
 def test_onnxruntime_runs_projections_and_attention_matmuls_on_integer_kernels(

@@ -45,27 +45,19 @@ from lightning_qat.graph import Kind, Op, PoolSpec, classify, trace
 from lightning_qat.graph.ops import SAME_GRID
 from lightning_qat.graph.placement import data_users
 from lightning_qat.nn import (
+    QUANTIZED_LAYERS,
     QuantConv1d,
     QuantConv2d,
-    QuantConvBn1d,
-    QuantConvBn2d,
     QuantConvBnMixin,
     QuantConvTranspose2d,
-    QuantLinear,
     QuantMultiheadAttention,
 )
 from lightning_qat.nn.pruning import apply_pruning
 from lightning_qat.quant import FakeQuantize, bias_codes
 
-#: The quantized layers the deployment plan writes.
-EXPORTED_LAYERS = (
-    QuantConv2d,
-    QuantConvBn2d,
-    QuantLinear,
-    QuantConv1d,
-    QuantConvBn1d,
-    QuantConvTranspose2d,
-)
+#: The quantized layers the deployment plan writes as one `QuantizedLayer` (an attention
+#: has a step of its own).
+EXPORTED_LAYERS = tuple(layer for layer in QUANTIZED_LAYERS if layer is not QuantMultiheadAttention)
 INT32_MAX = 2**31 - 1
 
 
