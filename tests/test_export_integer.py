@@ -167,6 +167,7 @@ def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_cod
         for _ in range(4):
             model(torch.randn(16, 3, 6, 6))
         model[1].weight[::3] *= -1  # some channels flip their sign
+        model[1].weight[7] = 0  # and one is pruned: its shift alone
     model.eval()
     x = torch.randn(64, 3, 6, 6)
     with torch.no_grad():
@@ -180,7 +181,9 @@ def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_cod
     codes = codes + quantizer.zero_point.reshape(shape)  # as trained
     negative = (model[1].weight < 0).reshape(shape)
     mirror = quantizer.quant_min + quantizer.quant_max
-    assert torch.equal(step.weight_codes, torch.where(negative, mirror - codes, codes))
+    assert torch.equal(step.weight_codes[:7], torch.where(negative, mirror - codes, codes)[:7])
+    assert torch.equal(step.weight_codes[7], torch.full_like(codes[7], step.weight_zero_point[7]))
+    assert (step.weight_scale > 0).all()
     assert step.weight_codes.min() >= quantizer.quant_min
     assert step.weight_codes.max() <= quantizer.quant_max
     assert negative.any() and (codes == quantizer.quant_min).any()  # the mirror is needed

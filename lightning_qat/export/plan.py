@@ -344,10 +344,16 @@ def _fold_into_scales(
     mirror = quantizer.quant_min + quantizer.quant_max
     negative = factor < 0
     zero_point = zero_point.expand(channels)
+    codes = torch.where(negative.reshape(shape), mirror - codes, codes)
+    zero_point = torch.where(negative, mirror - zero_point, zero_point)
+    # gamma = 0 (a pruned BN channel) outputs its shift alone: zero weights, scale kept
+    dead = factor == 0
+    codes = torch.where(dead.reshape(shape), zero_point.reshape(shape), codes)
+    folded_scale = scale.expand(channels) * torch.where(dead, 1.0, factor.abs()).double()
     return (
-        torch.where(negative.reshape(shape), mirror - codes, codes),
-        scale.expand(channels) * factor.abs().double(),
-        torch.where(negative, mirror - zero_point, zero_point),
+        codes,
+        folded_scale,
+        zero_point,
         weight * factor.reshape(shape),
         (beta + (bias - bn.running_mean) * factor).detach(),
     )
