@@ -46,8 +46,6 @@ from lightning_qat.graph.ops import SAME_GRID
 from lightning_qat.graph.placement import data_users
 from lightning_qat.nn import (
     QUANTIZED_LAYERS,
-    QuantConv1d,
-    QuantConv2d,
     QuantConvBnMixin,
     QuantConvTranspose2d,
     QuantMultiheadAttention,
@@ -298,14 +296,11 @@ def _weight_codes(
     fake-quant model multiplies with, bit for bit. An unfolded BatchNorm after the layer
     (`_fold_into_scales`) is folded into the weight scales and the bias, the codes kept."""
     quantizer = layer.weight_quantizer
+    # output channels first (a transposed convolution stores its weight input first)
+    weight = layer.weight_to_quantize()
     if isinstance(layer, QuantConvBnMixin):
-        factor = layer.fold_factor()
-        weight, bias = layer.weight_to_quantize(), layer.folded_bias(factor)
+        bias = layer.folded_bias(layer.fold_factor())
     else:
-        # output channels first (a transposed convolution's weight is stored input first)
-        weight = (
-            layer.weight_to_quantize() if hasattr(layer, "weight_to_quantize") else layer.weight
-        )
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     shape = (-1, *[1] * (weight.dim() - 1))
     # an eval forward computes the scales of the current weights where observing
@@ -632,7 +627,7 @@ class _Planner:
         users = self.users[node]
         bn, value_node = None, node
         if len(users) == 1 and self.ops[users[0]].kind is Kind.LAYER_BN:
-            if not isinstance(module, QuantConv2d | QuantConv1d | QuantConvTranspose2d):
+            if isinstance(module, QuantConvBnMixin):
                 self.refuse(self.ops[users[0]], " (a float BatchNorm after a folded layer)")
             bn, value_node = self.ops[users[0]].params["module"], users[0]
             self.merged.add(value_node)
