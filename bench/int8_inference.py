@@ -28,12 +28,12 @@ ranges observed on a few random batches rather than trained.
 Each variant runs in its own process, as a user runs one model per process: in one
 process, the runtimes' idle threads (onnxruntime's spinning intra-op pools, one per
 session, and torch's OpenMP workers) keep spinning after a call and steal the cores from
-the next variant, which moved ratios by 1.5x depending on the order (measured on the
-ViT). The parent exports every file once; a child process loads one variant, warms it
-up and times ``--rounds`` calls per batch size (median). ``--passes`` such processes per
-variant are alternated (the order rotated each pass) so that load on this shared machine
-hits every variant alike; the table gives the median over the passes. Sizes: the ONNX
-files, and torch.save of the state_dict for the PyTorch rows.
+the variant timed next (README, "Inference speed and size"). The parent exports every
+file once; a child process loads one variant, warms it up and times ``--rounds`` calls
+per batch size (median). ``--passes`` such processes per variant are alternated (the
+order rotated each pass) so that load on this shared machine hits every variant alike;
+the table gives the median over the passes. Sizes: the ONNX files, and torch.save of the
+state_dict for the PyTorch rows.
 """
 
 from __future__ import annotations
