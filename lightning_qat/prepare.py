@@ -7,7 +7,7 @@ import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -471,12 +471,19 @@ def _attach_tensor_quantizers(
     (or an ``input_quantizer`` applied by a forward pre-hook; no ``forward`` changes),
     shared as ``activation_quantizer`` by the layers reading it. Its width is the widest
     of its reading layers' activation widths (one grid serves them all), the model-wide
-    ``config.activation_bits`` where no layer reads it directly (an add's input)."""
+    ``config.activation_bits`` where no layer reads it directly (an add's input); on the
+    residual path (an op other than a layer reads it) ``config.residual_bits`` where set,
+    and the layers reading it at another width keep their own input quantizer, which
+    requantizes the value onto their grid."""
     device = module_device(model)
     for point in placement.tensor_quantizers:
         module = model.get_submodule(point.module)
         readers = [configs[name] for name in point.layers if name in configs]
-        widest = max(readers, key=lambda c: c.activation_bits) if readers else config
+        residual = config.residual_bits is not None and len(point.readers) > len(point.layers)
+        if residual:
+            widest = replace(config, activation_bits=config.residual_bits, layer_bits={})
+        else:
+            widest = max(readers, key=lambda c: c.activation_bits) if readers else config
         quantizer = FakeQuantize.for_activations(widest).to(device)
         attribute = INPUT_QUANTIZER if point.on_input else OUTPUT_QUANTIZER
         quantizer.observer.name = f"{point.module}.{attribute}"
@@ -487,6 +494,8 @@ def _attach_tensor_quantizers(
             module.register_forward_hook(QuantizeOutput())
         for name in point.layers:
             layer = model.get_submodule(name)
+            if residual and configs[name].activation_bits != widest.activation_bits:
+                continue  # its own quantizer requantizes onto its width
             layer.activation_quantizer = quantizer
             layer.input_quantized_upstream = True
 

@@ -15,7 +15,7 @@ def test_defaults_are_w8a8_symmetric_per_channel_folded():
     assert c.observer == "ema" and c.ema_momentum == 0.01
 
 
-@pytest.mark.parametrize("field", ["weight_bits", "activation_bits"])
+@pytest.mark.parametrize("field", ["weight_bits", "activation_bits", "residual_bits"])
 @pytest.mark.parametrize("bits", [1, 9, 16, 0, -8, 4.0, True, "8"])
 def test_bits_outside_2_to_8_are_rejected_naming_the_field(field, bits):
     with pytest.raises(ValueError, match=rf"{field}.*from 2 to 8"):

@@ -23,7 +23,7 @@ from lightning_qat.export import (
     to_integer,
     to_onnx,
 )
-from lightning_qat.export.plan import Add, QuantizedLayer
+from lightning_qat.export.plan import Add, QuantizedLayer, Requantize
 
 MODELS = {
     "resnet20": resnet20,
@@ -171,3 +171,38 @@ def test_what_cannot_be_deployed_is_named_with_its_module_path(tmp_path):
         to_onnx(model.eval(), tmp_path / "m.onnx", torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"block: mul"):
         to_integer(model)
+
+
+def test_a_residual_path_held_at_8_bits_deploys_with_4_bit_layers(tmp_path):
+    """``residual_bits=8`` on a W4A4 ResNet: every add reads 256-level grids, every layer
+    reads 16 levels (the first block's conv1 requantizing the stem's 8-bit output, which
+    it shares with the add), and both deployments compute the fake-quant answers."""
+    config = QuantConfig(
+        weight_bits=4,
+        activation_bits=4,
+        activation_symmetric=False,
+        quantize_first_input=True,
+        residual_bits=8,
+    )
+    model, data = train_qat_digits(config, model=tiny_resnet(), epochs=6, lr=0.02)
+    plan = plan_deployment(model)
+    adds = [s for s in plan if isinstance(s, Add)]
+    assert len(adds) == 3
+    assert all(g.qmax - g.qmin == 255 for add in adds for g in add.input_grids)
+    layers = [s for s in plan if isinstance(s, QuantizedLayer)]
+    assert all(s.input_grid.qmax - s.input_grid.qmin == 15 for s in layers)
+    (requantized,) = [s for s in plan if isinstance(s, Requantize)]
+    assert requantized.input_grid.qmax - requantized.input_grid.qmin == 255
+    assert requantized.output_grid.qmax - requantized.output_grid.qmin == 15
+
+    x, y = (torch.cat(t) for t in zip(*data.test_dataloader(), strict=True))
+    with torch.no_grad():
+        fake_acc = (model(x).argmax(1) == y).float().mean().item()
+    assert fake_acc > 0.95
+    path = to_onnx(model, tmp_path / "resnet8.onnx", x[:1])
+    ops = optimized_ops(path, tmp_path)
+    assert not FLOAT_KERNELS & set(ops), ops
+    for prefix, deployment in (("onnx", OnnxRuntimeModel(path)), ("int", to_integer(model))):
+        result = evaluate_deployment(deployment, model, data.test_dataloader(), prefix)
+        assert abs(result[f"{prefix}_test_acc"] - fake_acc) <= 0.003, result  # one image
+        assert result[f"{prefix}_agreement"] >= 0.99, result

@@ -49,3 +49,9 @@ def test_low_bit_sweep_reports_bits_methods_and_a_bits_plot(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "bits.png" in report
     assert (tmp_path / "bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_residual_width_is_named_in_the_bits_column():
+    run = result("w4a4_lsq_res8", 0.71, 4, learn=True)
+    run["quant"]["residual_bits"] = 8
+    assert bit_width(run) == "W4A4 (@first W8A8, residual 8-bit)"

@@ -71,13 +71,16 @@ def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
 
 
 def bit_width(run: dict[str, Any]) -> str:
-    """``W4A4`` and what ``layer_bits`` sets apart (``W4A4 (@first 8-bit, @last 8-bit)``),
+    """``W4A4`` and what ``layer_bits`` and ``residual_bits`` set apart (``W4A4 (@first
+    8-bit, @last 8-bit, residual 8-bit)``),
     ``FP32`` for a float run."""
     quant = run.get("quant")
     if quant is None:
         return "FP32"
     label = f"W{quant['weight_bits']}A{quant['activation_bits']}"
     kept = [f"{pattern} {_bits(bits)}" for pattern, bits in (quant.get("layer_bits") or {}).items()]
+    if quant.get("residual_bits") is not None:
+        kept.append(f"residual {quant['residual_bits']}-bit")
     return label + (f" ({', '.join(kept)})" if kept else "")
 
 

@@ -6,9 +6,10 @@
 ``s_x s_w``, and requantizes with a Q31 fixed-point multiplier and a rounding shift to
 the grid of the tensor's next integer consumer; ReLU is a clamp at the zero point, max
 pooling commutes with quantization; a transposed convolution is a convolution on its
-input spread out with zero-point codes; a residual add requantizes both inputs to the output
-grid with their own multipliers (TFLite's integer add); a concatenation requantizes each
-input. The last layer's accumulator is dequantized: the only floating point after the
+input spread out with zero-point codes; a residual add requantizes both inputs to the
+output grid with their own multipliers (TFLite's integer add); a concatenation requantizes
+each input, as does a layer reading a value at another width than it is held. The last
+layer's accumulator is dequantized: the only floating point after the
 input quantization (besides float islands, which the plan names).
 
 Exact and fast: PyTorch has no integer convolution on CPU, so the accumulations run as
@@ -94,6 +95,23 @@ class IntegerQuantizeInput(_Codes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.grid
         return plan.quantize_codes(x, g.scale, g.zero_point, g.qmin, g.qmax)
+
+
+class IntegerRequantize(_Codes):
+    """Codes moved to another grid with a fixed-point multiplier: ``clamp(round(s_in /
+    s_out · (q - z_in)) + z_out, qmin, qmax)``."""
+
+    def __init__(self, step: plan.Requantize):
+        super().__init__()
+        self.input_grid = step.input_grid
+        self.output_grid = step.output_grid
+        self.multiplier = torch.tensor(
+            step.input_grid.scale / step.output_grid.scale, dtype=torch.float64
+        )
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        shifted = q - self.input_grid.zero_point
+        return self.requantize(shifted, self.multiplier, self.output_grid)
 
 
 class IntegerLayer(_Codes):
@@ -395,6 +413,7 @@ class IntegerAttention(_Codes):
 
 _STEPS = {
     plan.QuantizeInput: IntegerQuantizeInput,
+    plan.Requantize: IntegerRequantize,
     plan.QuantizedLayer: IntegerLayer,
     plan.Add: IntegerAdd,
     plan.Concat: IntegerConcat,

@@ -331,6 +331,11 @@ class _Exporter:
         out = g.node("Cast", [accumulator], f"{base}_acc_float", to=TensorProto.FLOAT)
         self.values[step.value] = g.node("Mul", [out, scale], base)
 
+    def requantize(self, step: plan.Requantize) -> None:
+        """DequantizeLinear then QuantizeLinear onto the reader's grid."""
+        (source,) = step.inputs
+        self.output(step, self.dequantized(source), step.output_grid)
+
     def add(self, step: plan.Add) -> None:
         a, b = (self.dequantized(v) for v in step.inputs)
         self.output(step, self.graph.node("Add", [a, b], f"{step.value}_add"), step.output_grid)
@@ -620,6 +625,7 @@ def to_onnx(
     exporter = _Exporter(deployment, quantize_input, weight_dtype, shapes)
     handlers = {
         plan.QuantizeInput: exporter.quantize_input,
+        plan.Requantize: exporter.requantize,
         plan.QuantizedLayer: exporter.layer,
         plan.Add: exporter.add,
         plan.Concat: exporter.concat,

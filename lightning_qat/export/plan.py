@@ -92,6 +92,16 @@ class QuantizeInput(Step):
 
 
 @dataclass
+class Requantize(Step):
+    """Codes moved from ``input_grid`` to ``output_grid``: ``clamp(round(s_in / s_out ·
+    (q - z_in)) + z_out, qmin, qmax)`` (a layer reading a value of the residual path at
+    its own width, `QuantConfig.residual_bits`)."""
+
+    input_grid: QuantGrid = None
+    output_grid: QuantGrid = None
+
+
+@dataclass
 class QuantizedLayer(Step):
     """One quantized Conv2d or Linear with every number on its integer grid.
 
@@ -538,11 +548,11 @@ class _Planner:
             self.steps.append(QuantizeInput((name,), value, grid, float_in_training))
             self.grids[value] = grid
             return value
-        if have != grid:
-            raise ValueError(
-                f"export: {self.ops[node].label} is on one grid and read on another; "
-                "prepare the model with this version of prepare_qat"
-            )
+        if have != grid:  # a layer putting a value of the residual path on its own grid
+            value = f"{name}_requantized{len(self.steps)}"
+            self.steps.append(Requantize((name,), value, have, grid))
+            self.grids[value] = grid
+            return value
         return name
 
     def refuse(self, op: Op | list[Op], why: str = "") -> None:

@@ -66,6 +66,14 @@ class QuantConfig:
             ``"@last"`` for the first and last quantized layer in call order (the
             low-bit protocol of every LSQ-type paper: both at 8 bits). A later pattern
             wins where several match; ``activation_bits`` is the layer's input's.
+        residual_bits: bits of the grids on the residual path, 2..8: the values a
+            residual add, a concatenation or an average pool reads (each add's two inputs
+            and its output, on ResNets). ``None``: the widest width of the layers reading
+            the value, else ``activation_bits``. A layer reading such a value at another
+            width puts it on its own grid first (a requantization, as the integer model
+            does it). The LSQ paper keeps the residual path in full precision (Esser et
+            al. 2019, section 3); an integer runtime adds on codes, so 8 bits is the
+            deployable way to keep it wide while the layers' inputs are 4 or 2 bits.
         strict: refuse (``ValueError`` from `prepare_qat`) a model in which modules holding
             weights would stay float other than by design (normalisations, float islands)
             or by ``exclude``: an LSTM, a Conv3d, a Parameter the model uses itself. Off,
@@ -85,11 +93,14 @@ class QuantConfig:
     learn_scale: bool = False
     scale_init: str = "mse"
     layer_bits: dict[str, Any] = field(default_factory=dict)
+    residual_bits: int | None = None
     strict: bool = False
 
     def __post_init__(self) -> None:
         for name in _BITS_FIELDS:
             _check_bits(name, getattr(self, name))
+        if self.residual_bits is not None:
+            _check_bits("residual_bits", self.residual_bits)
         for name in (
             "symmetric",
             "per_channel",
