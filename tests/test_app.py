@@ -115,7 +115,8 @@ def test_low_bit_variants_keep_the_first_and_last_layers_at_8_bits(composed, qua
     config = instantiate(cfg.qat, OmegaConf.to_container(cfg.quant)).config
     weight_bits, activation_bits = int(quant[1]), int(quant[3])
     assert (config.weight_bits, config.activation_bits) == (weight_bits, activation_bits)
-    assert config.learn_scale == quant.endswith("_lsq")
+    assert config.learn_scale == ("_lsq" in quant)
+    assert config.residual_bits == (8 if quant.endswith("_res8") else None)
     assert config.symmetric and config.activation_symmetric is False
     assert config.for_layer("model.conv", first=True).weight_bits == 8
     assert config.for_layer("model.fc", last=True).activation_bits == 8
