@@ -71,9 +71,10 @@ class QuantConfig:
             and its output, on ResNets). ``None``: the widest width of the layers reading
             the value, else ``activation_bits``. A layer reading such a value at another
             width puts it on its own grid first (a requantization, as the integer model
-            does it). The LSQ paper keeps the residual path in full precision (Esser et
-            al. 2019, section 3); an integer runtime adds on codes, so 8 bits is the
-            deployable way to keep it wide while the layers' inputs are 4 or 2 bits.
+            does it). LSQ (Esser et al. 2019) quantizes the inputs of the convolutions
+            and linear layers only, so its residual adds run in full precision; an
+            integer runtime adds on codes, so 8 bits is the deployable way to keep the
+            residual path wide while the layers' inputs are 4 or 2 bits.
         strict: refuse (``ValueError`` from `prepare_qat`) a model in which modules holding
             weights would stay float other than by design (normalisations, float islands)
             or by ``exclude``: an LSTM, a Conv3d, a Parameter the model uses itself. Off,
