@@ -481,10 +481,10 @@ def _attach_tensor_quantizers(
         readers = [configs[name] for name in point.layers if name in configs]
         residual = config.residual_bits is not None and len(point.readers) > len(point.layers)
         if residual:
-            widest = replace(config, activation_bits=config.residual_bits, layer_bits={})
+            grid_config = replace(config, activation_bits=config.residual_bits, layer_bits={})
         else:
-            widest = max(readers, key=lambda c: c.activation_bits) if readers else config
-        quantizer = FakeQuantize.for_activations(widest).to(device)
+            grid_config = max(readers, key=lambda c: c.activation_bits) if readers else config
+        quantizer = FakeQuantize.for_activations(grid_config).to(device)
         attribute = INPUT_QUANTIZER if point.on_input else OUTPUT_QUANTIZER
         quantizer.observer.name = f"{point.module}.{attribute}"
         module.add_module(attribute, quantizer)
@@ -494,7 +494,7 @@ def _attach_tensor_quantizers(
             module.register_forward_hook(QuantizeOutput())
         for name in point.layers:
             layer = model.get_submodule(name)
-            if residual and configs[name].activation_bits != widest.activation_bits:
+            if residual and configs[name].activation_bits != grid_config.activation_bits:
                 continue  # its own quantizer requantizes onto its width
             layer.activation_quantizer = quantizer
             layer.input_quantized_upstream = True

@@ -83,6 +83,11 @@ class _Codes(nn.Module):
         out = requantize(acc, m0, shift) + grid.zero_point
         return torch.clamp(out, grid.qmin, grid.qmax)
 
+    def to_grid(self, q: torch.Tensor, grid: QuantGrid, out: QuantGrid) -> torch.Tensor:
+        """Codes on ``grid`` moved to ``out``: ``round(s / s_out · (q - z)) + z_out``."""
+        multiplier = torch.tensor(grid.scale / out.scale, dtype=torch.float64)
+        return self.requantize(q - grid.zero_point, multiplier, out)
+
 
 class IntegerQuantizeInput(_Codes):
     """Float to integer codes: ``clamp(round(x · (1/s)) + z, qmin, qmax)``, rounded as the
@@ -105,13 +110,9 @@ class IntegerRequantize(_Codes):
         super().__init__()
         self.input_grid = step.input_grid
         self.output_grid = step.output_grid
-        self.multiplier = torch.tensor(
-            step.input_grid.scale / step.output_grid.scale, dtype=torch.float64
-        )
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        shifted = q - self.input_grid.zero_point
-        return self.requantize(shifted, self.multiplier, self.output_grid)
+        return self.to_grid(q, self.input_grid, self.output_grid)
 
 
 class IntegerLayer(_Codes):
@@ -229,11 +230,7 @@ class IntegerConcat(_Codes):
             return torch.cat(parts, self.dim)
         parts = []
         for q, grid in zip(inputs, self.input_grids, strict=True):
-            if grid == out:
-                parts.append(q)
-            else:
-                multiplier = torch.tensor(grid.scale / out.scale, dtype=torch.float64)
-                parts.append(self.requantize(q - grid.zero_point, multiplier, out))
+            parts.append(q if grid == out else self.to_grid(q, grid, out))
         return torch.cat(parts, self.dim)
 
 
