@@ -149,10 +149,17 @@ def test_unfolded_batchnorm_deploys_as_its_fake_quant_model_on_digits():
     assert (deployed == fake).float().mean() > 0.99
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_codes(symmetric):
+@pytest.mark.parametrize(
+    ("symmetric", "narrow_range"),
+    [(True, True), (False, True), (True, False)],
+    ids=["sym", "asym", "sym_full_range"],
+)
+def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_codes(
+    symmetric, narrow_range
+):
     """The BN after an unfolded conv scales each output channel: folded into the weight
-    scale and the bias, the trained codes kept (mirrored on the grid where gamma < 0)."""
+    scale and the bias, the trained codes kept (mirrored on the grid where gamma < 0; on
+    the full symmetric range -128 mirrors to 127, zero point -1)."""
     torch.manual_seed(0)
     float_model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False),
@@ -161,13 +168,20 @@ def test_unfolded_batchnorm_folds_into_the_weight_scales_keeping_the_trained_cod
         nn.Flatten(),
         nn.Linear(8 * 6 * 6, 4),
     )
-    config = QuantConfig(bn_fold=False, symmetric=symmetric, quantize_first_input=True)
+    config = QuantConfig(
+        bn_fold=False,
+        symmetric=symmetric,
+        quantize_first_input=True,
+        weight_narrow_range=narrow_range,
+    )
     model = prepare_qat(float_model, config).train()
     with torch.no_grad():
         for _ in range(4):
             model(torch.randn(16, 3, 6, 6))
         model[1].weight[::3] *= -1  # some channels flip their sign
         model[1].weight[7] = 0  # and one is pruned: its shift alone
+        if not narrow_range:  # a clipped range, as learned steps have: -128 in use
+            model[0].weight_quantizer.enable_observer(False).scale.mul_(0.5)
     model.eval()
     x = torch.randn(64, 3, 6, 6)
     with torch.no_grad():

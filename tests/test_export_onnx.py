@@ -10,7 +10,7 @@ import torch
 from qat_digits import train_qat_digits
 from torch import nn
 
-from lightning_qat import QuantConfig, prepare_qat
+from lightning_qat import FakeQuantize, QuantConfig, prepare_qat
 from lightning_qat.app.models import NIN
 from lightning_qat.export import (
     OnnxRuntimeModel,
@@ -171,6 +171,30 @@ def test_every_step_matches_fake_quantization_on_a_tiny_model(config, tmp_path):
     model = observed(Tiny(), QuantConfig(quantize_first_input=True, **config), (3, 16, 16))
     x = 3 * torch.randn(256, 3, 16, 16)
     assert_deploys_like_the_integer_reference(model, x, tmp_path)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 2])
+def test_full_range_weights_deploy_with_their_most_negative_code(weight_bits, tmp_path):
+    """``weight_narrow_range=False`` (LSQ's grid): -128 (or -2) codes reach the integer
+    reference and onnxruntime (int8 weights, or uint8 ones shifted by 128) as trained."""
+    config = QuantConfig(
+        quantize_first_input=True, weight_bits=weight_bits, weight_narrow_range=False
+    )
+    model = observed(Tiny(), config, (3, 16, 16))
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize) and m.holds_weights]
+    with torch.no_grad():
+        for quantizer in quantizers:  # clipped ranges, as learned steps end up
+            quantizer.enable_observer(False).scale.mul_(0.5)
+    layers = [m for m in model.modules() if hasattr(m, "weight_to_quantize")]
+    for layer in layers:
+        quantizer, weight = layer.weight_quantizer, layer.weight_to_quantize()
+        scale = quantizer.scale.reshape(-1, *[1] * (weight.dim() - 1))
+        codes = torch.round(quantizer(weight).detach() / scale)
+        assert codes.min() == quantizer.quant_min == -(2 ** (weight_bits - 1))
+    x = 3 * torch.randn(256, 3, 16, 16)
+    assert_deploys_like_the_integer_reference(model, x, tmp_path)
+    with torch.no_grad():
+        assert relative_error(to_integer(model)(x).float(), model(x)) < 1e-2
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_qat import FakeQuantize, MinMaxObserver, compute_qparams, quant_range
+from lightning_qat import FakeQuantize, MinMaxObserver, QuantConfig, compute_qparams, quant_range
 from lightning_qat.quant import MIN_SCALE
 
 
@@ -18,6 +18,26 @@ def test_ranges_narrow_symmetric_full_asymmetric():
     assert quant_range(4, True) == (-7, 7)
     assert quant_range(4, False) == (-8, 7)
     assert quant_range(2, True) == (-1, 1)
+
+
+def test_full_symmetric_range_adds_the_most_negative_code_only():
+    assert quant_range(8, True, narrow_range=False) == (-128, 127)
+    assert quant_range(2, True, narrow_range=False) == (-2, 1)
+    assert quant_range(4, False, narrow_range=True) == (-8, 7)  # asymmetric: always full
+
+
+def test_full_range_weights_reach_minus_2_at_2_bits_with_zero_point_0():
+    config = QuantConfig(weight_bits=2, weight_narrow_range=False)
+    fq = FakeQuantize.for_weights(config, num_channels=2)
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.5], [-3.0, -1.0, 0.0, 1.0]])
+    fq(w)  # s = max|w| / qmax = max|w| per channel
+    fq.enable_observer(False)
+    fq.scale.mul_(0.5)  # a clipped range, as LSQ or an MSE search picks at 2 bits
+    out = fq(w)
+    assert (fq.quant_min, fq.quant_max) == (-2, 1) and not fq.zero_point.any()
+    codes = torch.round(out / fq.scale[:, None])
+    assert torch.equal(codes, torch.tensor([[-2.0, -1, 0, 1], [-2, -1, 0, 1]]))
+    assert (FakeQuantize.for_weights(QuantConfig(weight_bits=2), 2).quant_min) == -1
 
 
 def test_symmetric_8bit_per_tensor_by_hand():

@@ -75,6 +75,12 @@ class QuantConfig:
             and linear layers only, so its residual adds run in full precision; an
             integer runtime adds on codes, so 8 bits is the deployable way to keep the
             residual path wide while the layers' inputs are 4 or 2 bits.
+        weight_narrow_range: with ``symmetric`` weights, ``True`` (default) drops the most
+            negative code, ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (whitepaper section 2.2: no
+            ``-128 * -128`` product); ``False`` uses the full signed range ``[-2^(b-1),
+            2^(b-1) - 1]`` with zero point 0, LSQ's grid for signed data (Esser et al.
+            2019, section 2: ``-Qn = -2^(b-1)``). It matters at 2 bits, where the narrow
+            range is ternary (-1, 0, 1) and the full one has four levels (-2 .. 1).
         strict: refuse (``ValueError`` from `prepare_qat`) a model in which modules holding
             weights would stay float other than by design (normalisations, float islands)
             or by ``exclude``: an LSTM, a Conv3d, a Parameter the model uses itself. Off,
@@ -95,6 +101,7 @@ class QuantConfig:
     scale_init: str = "mse"
     layer_bits: dict[str, Any] = field(default_factory=dict)
     residual_bits: int | None = None
+    weight_narrow_range: bool = True
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -108,6 +115,7 @@ class QuantConfig:
             "bn_fold",
             "quantize_first_input",
             "learn_scale",
+            "weight_narrow_range",
             "strict",
         ):
             if not isinstance(getattr(self, name), bool):

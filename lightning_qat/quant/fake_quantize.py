@@ -89,12 +89,13 @@ class FakeQuantize(nn.Module):
         bits: int = 8,
         symmetric: bool = True,
         observe_in_eval: bool = False,
+        narrow_range: bool = True,
     ):
         super().__init__()
         self.observer = observer
         self.bits = bits
         self.symmetric = symmetric
-        self.quant_min, self.quant_max = quant_range(bits, symmetric)
+        self.quant_min, self.quant_max = quant_range(bits, symmetric, narrow_range)
         self.observe_in_eval = observe_in_eval
         self._register_qparams(observer.min_val.shape)
         self.fake_quant_enabled = True
@@ -110,11 +111,17 @@ class FakeQuantize(nn.Module):
     @classmethod
     def for_weights(cls, config: QuantConfig, num_channels: int) -> FakeQuantize:
         """Weight quantizer: range of the current weights, per output channel (axis 0)
-        when ``config.per_channel``; a `LearnedScaleFakeQuantize` with
+        when ``config.per_channel``, on the narrow or full symmetric range by
+        ``config.weight_narrow_range``; a `LearnedScaleFakeQuantize` with
         ``config.learn_scale``."""
         observer = MinMaxObserver(num_channels if config.per_channel else None, ch_axis=0)
         return _quantizer_class(cls, config)(
-            observer, config.weight_bits, config.symmetric, observe_in_eval=True, **_learned(config)
+            observer,
+            config.weight_bits,
+            config.symmetric,
+            observe_in_eval=True,
+            narrow_range=config.weight_narrow_range,
+            **_learned(config),
         )
 
     @classmethod

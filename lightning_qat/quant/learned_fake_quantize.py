@@ -124,10 +124,11 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         bits: int = 8,
         symmetric: bool = True,
         observe_in_eval: bool = False,
+        narrow_range: bool = True,
         scale_init: str = "mse",
     ):
         self.scale_init = scale_init
-        super().__init__(observer, bits, symmetric, observe_in_eval)
+        super().__init__(observer, bits, symmetric, observe_in_eval, narrow_range)
         self.learning = False
 
     def _register_qparams(self, shape: torch.Size) -> None:

@@ -18,7 +18,7 @@ import torch
 MIN_SCALE = torch.finfo(torch.float32).eps
 
 
-def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+def quant_range(bits: int, symmetric: bool, narrow_range: bool = True) -> tuple[int, int]:
     """Integer range ``(qmin, qmax)`` of a signed ``bits``-bit code.
 
     Symmetric uses the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (-127..127 at 8 bits)
@@ -26,9 +26,14 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     products accumulate safely in int32 (whitepaper section 2.2). Asymmetric uses the full
     range ``[-2^(b-1), 2^(b-1) - 1]``; it is the uint8 code shifted by 2^(b-1), the same
     grid with the zero point shifted by the same amount.
+
+    ``narrow_range=False`` gives a symmetric grid (zero point 0) the full range too, as LSQ
+    quantizes signed data (``-Qn = -2^(b-1)``, ``Qp = 2^(b-1) - 1``; Esser et al. 2019,
+    section 2): the extra negative code is a quarter of the levels at 2 bits (-2, -1, 0, 1
+    instead of the ternary -1, 0, 1) and matters little at 8.
     """
     half = 2 ** (bits - 1)
-    if symmetric:
+    if symmetric and narrow_range:
         return -(half - 1), half - 1
     return -half, half - 1
 
