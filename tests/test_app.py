@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_qat.app.experiment import build_module, register_recipes
 from lightning_qat.app.module import ImageClassifier
+from lightning_qat.app.report import method
 from lightning_qat.app.run_folder import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,8 +357,12 @@ def test_local_parallel_launcher_runs_jobs_in_processes(tmp_path):
         (["+ptq.method=kl"], "ptq calibrates a trained float model: set init_checkpoint"),
         # trained to the end, then crashed in test (expected dtype BFloat16 for 'end')
         (["trainer.precision=bf16-true"], "use trainer.precision=bf16-mixed"),
+        (
+            ["module.distillation_weight=0.5"],
+            "module.distillation_weight distills from the float model of init_checkpoint",
+        ),
     ],
-    ids=["conversion-never-reached", "ptq-without-checkpoint", "bf16-true"],
+    ids=["conversion-never-reached", "ptq-without-checkpoint", "bf16-true", "kd-no-teacher"],
 )
 def test_mislabelled_runs_are_refused_before_training(overrides, message, tmp_path):
     result = train(*overrides, "hydra.run.dir=run", *FAST, cwd=tmp_path)
@@ -407,6 +412,32 @@ def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
     assert results["ptq"] == {"method": "kl", "num_batches": 4}
     float_acc = json.loads((tmp_path / "fp32" / "results.json").read_text())["test_acc"]
     assert results["fake_quant_test_acc"] > float_acc - 0.05
+
+
+def test_a_distilled_qat_run_learns_from_its_float_checkpoint(tmp_path):
+    fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    ckpt = next((tmp_path / "fp32" / "checkpoints").glob("latest-*.ckpt"))
+    result = train(
+        f"init_checkpoint={ckpt}",
+        "module.distillation_weight=0.5",
+        "module.distillation_temperature=2",
+        "trainer.max_epochs=1",
+        "qat.start_epoch=0",
+        "hydra.run.dir=kd",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert results["distillation"] == 0.5 and method(results) == "QAT, observers + KD"
+    logged = (tmp_path / "kd" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train_distillation_loss" in logged
+    (checkpoint,) = (tmp_path / "kd" / "checkpoints").glob("latest-*.ckpt")
+    assert set(_state(checkpoint)) > set(_state(ckpt))  # the model's keys and quantizers
+    assert not any("teacher" in key for key in _state(checkpoint))
+    float_acc = json.loads((tmp_path / "fp32" / "results.json").read_text())["test_acc"]
+    assert results["test_acc"] > float_acc - 0.05
 
 
 @pytest.mark.parametrize("quant", ["sym_fold", "none"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -113,8 +114,8 @@ def check_experiment(cfg: DictConfig) -> None:
     """Refuse, before any data is read, configs whose results would be mislabelled or
     that would crash after training: a QAT variant whose conversion epoch is never reached
     (it would train FP32 only, and the row would still be called by its variant), PTQ
-    without a trained float checkpoint (it would calibrate a random model), and a QAT run
-    in true half precision."""
+    without a trained float checkpoint (it would calibrate a random model), distillation
+    without one (no teacher), and a QAT run in true half precision."""
     ptq = cfg.get("ptq")
     if ptq is not None and cfg.quant is None:
         raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
@@ -122,6 +123,12 @@ def check_experiment(cfg: DictConfig) -> None:
         raise ValueError(
             "ptq calibrates a trained float model: set init_checkpoint=<a float checkpoint> "
             "(without it the random initial weights would be quantized)"
+        )
+    if (cfg.module.get("distillation_weight") or 0) > 0 and not cfg.get("init_checkpoint"):
+        raise ValueError(
+            "module.distillation_weight distills from the float model of init_checkpoint: "
+            "set init_checkpoint=<a trained float checkpoint> (a random teacher teaches "
+            "nothing)"
         )
     precision = str(cfg.trainer.get("precision") or "32-true")
     if cfg.quant is not None and precision in ("bf16-true", "bf16", "16-true", "16", "half"):
@@ -201,13 +208,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    ptq = cfg.get("ptq")
     if cfg.init_checkpoint:
         load_float_weights(module, cfg.init_checkpoint)
+    if module.distillation_weight > 0 and ptq is None:
+        # the float model as loaded: the fine-tuned one learns from it
+        module.set_teacher(copy.deepcopy(module.model))
     example = torch.zeros(1, datamodule.in_channels, datamodule.image_size, datamodule.image_size)
     macs = count_macs(module.model, example)
     fp32_bytes = model_size_bytes(module.model)
 
-    ptq = cfg.get("ptq")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if cfg.quant is not None and ptq is None:
         # positional: instantiate() itself has a parameter named config
@@ -248,6 +258,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         - sum(p.numel() for p in quantizer_parameters(module.model)),
         "macs": macs,
         "size_fp32_bytes": fp32_bytes,
+        # the distillation weight, where a teacher taught this run
+        "distillation": module.distillation_weight if module.teacher is not None else None,
     }
     if cfg.quant is not None:
         results["fake_quant_test_acc"] = tested["test_acc"]
