@@ -134,7 +134,9 @@ class QuantizationAwareTraining(L.Callback):
             NaN to finite codes, so without this check such a run trains on with NaN
             weights and a finite loss): ``"raise"`` stops with a `NonFiniteError` naming
             the step and the first layer at fault, ``"skip"`` drops the step and logs
-            ``qat/skipped_steps``. See `NonFiniteGuard`.
+            ``qat/skipped_steps``. On an accelerator the check stays on the device and
+            is read at the epoch's end (no host synchronisation in a step). See
+            `NonFiniteGuard`.
         export_on_fit_end: write the int8 ONNX model (`lightning_qat.export.to_onnx`) to
             this file when ``fit`` ends (a relative path is under the Trainer's
             ``default_root_dir``), on rank zero; the example input is the module's
@@ -422,6 +424,7 @@ class QuantizationAwareTraining(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self.nonfinite_guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Clipping is sampled on the epoch's first batch: counting costs a pass.
         if self._clipping:
             for _, quantizer in activation_quantizers(pl_module):

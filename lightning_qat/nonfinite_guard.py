@@ -39,9 +39,22 @@ class NonFiniteGuard(L.Callback):
             message.
         log_prefix: prefix of the logged ``skipped_steps``.
 
-    The check is one flag on the device; it is read once per optimizer step (and reduced
-    over the ranks under DDP, so every rank stops or skips alike). Under ``16-mixed``
-    precision the GradScaler owns overflowing gradients, so only BN statistics are checked.
+        deferred: keep the check on the device for the whole epoch (no host
+            synchronisation in a training step; on a GPU every read of a device value
+            stalls the stream). ``None`` (default): deferred on accelerators, immediate on
+            the CPU, whose reads cost nothing.
+
+    The check is one flag on the device (reduced over the ranks under DDP, so every rank
+    stops or skips alike). Immediate: it is read once per optimizer step, before the
+    update. Deferred: the update runs, then is undone on the device where the flag is
+    false (``torch.where`` against copies of the parameters, the optimizer state and the
+    buffers taken before it: one extra copy of each in memory); ``"raise"`` undoes every
+    step from the first non-finite one on and raises at the epoch's end, naming that step
+    (the weights are those before it, as in immediate mode), ``"skip"`` counts the dropped
+    steps on the device and logs them at the epoch's end. An optimizer state a dropped
+    step created (the first step's momentum) is zeroed rather than removed. Under
+    ``16-mixed`` precision the GradScaler owns overflowing gradients, so only BN
+    statistics are checked.
     """
 
     def __init__(
@@ -49,6 +62,7 @@ class NonFiniteGuard(L.Callback):
         action: str = "raise",
         model_input: Callable[[Any], Any] = batch_input,
         log_prefix: str = "",
+        deferred: bool | None = None,
     ):
         if action not in NONFINITE_ACTIONS:
             raise ValueError(
@@ -58,13 +72,16 @@ class NonFiniteGuard(L.Callback):
         self.action = action
         self.model_input = model_input
         self.log_prefix = log_prefix
+        self.deferred = deferred
         self.skipped_steps = 0
         self._loss: torch.Tensor | None = None
         self._batch: Any = None
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._device_flags: _DeviceFlags | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        flags = self._device_flags  # read here: saving a checkpoint is not a training step
+        return {"skipped_steps": self.skipped_steps + (int(flags.skipped) if flags else 0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = state_dict.get("skipped_steps", 0)
@@ -73,7 +90,12 @@ class NonFiniteGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
-        if self.action == "skip" and batch_idx % trainer.accumulate_grad_batches == 0:
+        if self.deferred is None:
+            self.deferred = pl_module.device.type != "cpu"
+        if self.deferred and self._device_flags is None:
+            self._device_flags = _DeviceFlags(pl_module.device, trainer.global_step)
+        undoes = self.deferred or self.action == "skip"
+        if undoes and batch_idx % trainer.accumulate_grad_batches == 0:
             # the state before the optimizer step's first batch, to undo a dropped step
             self._snapshot = snapshot_state(pl_module)
 
@@ -94,6 +116,9 @@ class NonFiniteGuard(L.Callback):
         if trainer.world_size > 1:
             # one rank's NaN batch must stop (or skip on) every rank alike
             finite = trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        if self._device_flags is not None:  # deferred: undone after the update if need be
+            self._device_flags.before_update(finite, self.action, pl_module, optimizer)
+            return
         if bool(finite):
             return
         where = (
@@ -119,8 +144,40 @@ class NonFiniteGuard(L.Callback):
                 stacklevel=2,
             )
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._device_flags is not None and self._device_flags.pending:
+            self._device_flags.after_update(self._snapshot or [])
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batch = self._loss = self._snapshot = None
+        flags = self._device_flags
+        if flags is not None:  # the epoch's one read of the deferred check
+            self._device_flags = None
+            if self.action == "raise" and not bool(flags.clean):
+                raise NonFiniteError(
+                    f"NaN/Inf at global step {int(flags.first_bad_step)} (found at the end "
+                    f"of epoch {trainer.current_epoch}: the check stays on the device during "
+                    "the epoch). No step from it on was applied: the weights are those "
+                    "before it. NonFiniteGuard(deferred=False) names the layer at fault; "
+                    "check the data and the learning rate, or set on_nonfinite='skip'."
+                )
+            skipped = int(flags.skipped)
+            if skipped and not self.skipped_steps and trainer.is_global_zero:
+                warnings.warn(
+                    f"skipped {skipped} training step(s) with NaN/Inf in epoch "
+                    f"{trainer.current_epoch}, the first at global step "
+                    f"{int(flags.first_bad_step)} (counted in {self.log_prefix}skipped_steps)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.skipped_steps += skipped
         if self.action == "skip":
             pl_module.log(
                 f"{self.log_prefix}skipped_steps", float(self.skipped_steps), rank_zero_only=True
@@ -131,3 +188,61 @@ class NonFiniteGuard(L.Callback):
             return self.model_input(batch)
         except Exception:  # only for the message: a batch it cannot read is not an error
             return None
+
+
+class _DeviceFlags:
+    """A deferred guard's state for one epoch, all on the device: whether every step so far
+    was finite, how many were dropped, the first bad step, and this step's undo copies."""
+
+    def __init__(self, device: torch.device, global_step: int):
+        self.clean = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        # counted on the device: making a tensor of trainer.global_step every step would
+        # copy from the host
+        self.step = torch.full((), global_step, dtype=torch.long, device=device)
+        self.pending = False
+        self._keep: torch.Tensor | None = None
+        self._finite: torch.Tensor | None = None
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @torch.no_grad()
+    def before_update(
+        self,
+        finite: torch.Tensor,
+        action: str,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        # "raise" keeps nothing from the first bad step on; "skip" drops bad steps alone
+        self._keep = finite & self.clean if action == "raise" else finite
+        self._finite = finite
+        tensors = [p for p in module.parameters()]
+        tensors += [
+            v
+            for state in optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        ]
+        self._before = [(t, t.detach().clone()) for t in tensors]
+        self._optimizer = optimizer
+        self.pending = True
+
+    @torch.no_grad()
+    def after_update(self, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        keep, finite = self._keep, self._finite
+        for tensor, saved in [*self._before, *buffers]:
+            tensor.copy_(torch.where(keep, tensor, saved))
+        saved_ids = {id(t) for t, _ in self._before}
+        for state in self._optimizer.state.values():  # created by this step
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and id(value) not in saved_ids:
+                    state[key] = torch.where(keep, value, torch.zeros_like(value))
+        self.first_bad_step.copy_(
+            torch.where((self.first_bad_step < 0) & ~finite, self.step, self.first_bad_step)
+        )
+        self.skipped.add_((~finite).long())
+        self.clean.logical_and_(finite)
+        self.step.add_(1)
+        self._before, self._optimizer, self.pending = [], None, False

@@ -147,3 +147,121 @@ def test_the_guard_alone_stops_an_fp32_run(tmp_path):
 def test_a_bad_action_is_refused():
     with pytest.raises(ValueError, match="on_nonfinite='ignore': use one of 'raise', 'skip'"):
         _qat(on_nonfinite="ignore")
+
+
+def _deferred_qat(**kwargs) -> QuantizationAwareTraining:
+    """The QAT callback with the guard as it runs on an accelerator: checks stay on the
+    device for the epoch (the CPU reads them at once by default)."""
+    qat = _qat(**kwargs)
+    qat.nonfinite_guard.deferred = True
+    return qat
+
+
+def _fit(tmp_path, qat, max_epochs=2, data=None):
+    torch.manual_seed(0)
+    module = DigitsClassifier()
+    trainer = L.Trainer(callbacks=[qat], **trainer_kwargs(tmp_path, max_epochs=max_epochs))
+    return module, trainer, data or PoisonedDigits()
+
+
+def test_deferred_raise_ends_the_epoch_on_the_weights_before_the_bad_step(tmp_path):
+    """Deferred, the run goes on to the epoch's end with every step from the NaN on undone
+    on the device, then raises naming the step: its weights equal those of the immediate
+    check, which stops before the update."""
+    immediate, trainer, data = _fit(tmp_path, _qat())
+    with pytest.raises(NonFiniteError):
+        trainer.fit(immediate, data)
+    deferred, trainer, data = _fit(tmp_path, _deferred_qat())
+    with pytest.raises(NonFiniteError, match=r"global step 3 \(found at the end of epoch 0"):
+        trainer.fit(deferred, data)
+    assert trainer.global_step == 16  # the epoch ran on; its updates were undone
+    for (name, a), b in zip(deferred.named_parameters(), immediate.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert _finite(deferred)  # BN statistics and ranges restored too
+
+
+def test_deferred_skip_equals_the_immediate_skip(tmp_path):
+    """Deferred ``skip`` (update, then undone on the device) ends on exactly the state of
+    the immediate one (no update), optimizer momentum included, and counts alike."""
+    runs = []
+    for qat in (_qat(on_nonfinite="skip"), _deferred_qat(on_nonfinite="skip")):
+        module, trainer, data = _fit(tmp_path, qat)
+        with pytest.warns(RuntimeWarning, match="global step 3"):
+            trainer.fit(module, data)
+        assert qat.nonfinite_guard.skipped_steps == 2
+        assert float(trainer.callback_metrics["qat/skipped_steps"]) == 2
+        runs.append((module, trainer.optimizers[0]))
+    (immediate, sgd), (deferred, deferred_sgd) = runs
+    for (name, a), b in zip(
+        deferred.state_dict().items(), immediate.state_dict().values(), strict=True
+    ):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for a, b in zip(deferred.parameters(), immediate.parameters(), strict=True):
+        momentum = deferred_sgd.state[a]["momentum_buffer"]
+        torch.testing.assert_close(momentum, sgd.state[b]["momentum_buffer"], rtol=0, atol=0)
+
+
+class _NoHostReads:
+    """Makes reading a tensor's value on the host (``bool``, ``item``, ``int``, ``float``,
+    ``tolist``) raise: what stalls a GPU stream in a training step."""
+
+    NAMES = ("__bool__", "item", "__int__", "__float__", "tolist")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a host read of a device value in a training step")
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+class _QatWithoutHostReads(QuantizationAwareTraining):
+    """The callback's per-step hooks, each run where host reads raise."""
+
+
+for _hook in (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+):
+
+    def _wrapped(self, *args, _hook=_hook):
+        with _NoHostReads():
+            return getattr(QuantizationAwareTraining, _hook)(self, *args)
+
+    setattr(_QatWithoutHostReads, _hook, _wrapped)
+
+
+@pytest.mark.parametrize("action", ["raise", "skip"])
+def test_the_deferred_guard_reads_nothing_on_the_host_in_a_step(action, tmp_path):
+    qat = _QatWithoutHostReads(QuantConfig(), verbose=False, on_nonfinite=action)
+    qat.nonfinite_guard.deferred = True
+    module, trainer, _ = _fit(tmp_path, qat, max_epochs=1)
+    trainer.fit(module, DigitsData())  # finite: nothing to raise at the epoch's end
+    assert trainer.global_step == 16 and _finite(module)
+    immediate = _QatWithoutHostReads(QuantConfig(), verbose=False, on_nonfinite=action)
+    immediate.nonfinite_guard.deferred = False  # the check this test exists to catch
+    module, trainer, _ = _fit(tmp_path, immediate, max_epochs=1)
+    with pytest.raises(AssertionError, match="a host read"):
+        trainer.fit(module, DigitsData())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_guard_defers_and_skips_alike(tmp_path):
+    qat = _qat(on_nonfinite="skip")
+    torch.manual_seed(0)
+    module = DigitsClassifier()
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, accelerator="cuda", deterministic=False)
+    trainer = L.Trainer(callbacks=[qat], **kwargs)
+    with pytest.warns(RuntimeWarning, match="global step 3"):
+        trainer.fit(module, PoisonedDigits())
+    assert qat.nonfinite_guard.deferred is True
+    assert qat.nonfinite_guard.skipped_steps == 1 and _finite(module)
