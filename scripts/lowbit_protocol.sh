@@ -7,8 +7,10 @@
 # width (recipe resnet20_lowbit_ptq_cpu, mse ranges); every quantized row exported and
 # scored on the full 10k test set; the report.
 #   bash scripts/lowbit_protocol.sh [OUT_DIR] [ROW ...]   (default outputs/resnet20_budget)
-# ROWs (default: all, most telling first): none, w4a4_lsq, ptq_w4a4 ...; a row whose
-# results.json exists is skipped, so a stopped run resumes by running it again.
+# ROWs (default: all, most telling first): none, w4a4_lsq, ptq_w4a4 ...; a row ending in
+# _kd distils from the FP32 checkpoint (module.distillation_weight=0.5 at temperature 1,
+# LSQ's setting); a row whose results.json exists is skipped, so a stopped run resumes by
+# running it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/resnet20_budget}
@@ -30,6 +32,10 @@ for row in "${rows[@]}"; do
   if [[ $row == ptq_* ]]; then
     "$python" train.py recipe=resnet20_lowbit_ptq_cpu init_checkpoint="$checkpoint" \
       quant="${row#ptq_}" hydra.run.dir="$dir" "${quiet[@]}"
+  elif [[ $row == *_kd ]]; then
+    "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
+      quant="${row%_kd}" module.distillation_weight=0.5 module.distillation_temperature=1 \
+      hydra.run.dir="$dir" "${quiet[@]}"
   else
     "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
       quant="$row" hydra.run.dir="$dir" "${quiet[@]}"

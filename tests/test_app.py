@@ -117,7 +117,8 @@ def test_low_bit_variants_keep_the_first_and_last_layers_at_8_bits(composed, qua
     weight_bits, activation_bits = int(quant[1]), int(quant[3])
     assert (config.weight_bits, config.activation_bits) == (weight_bits, activation_bits)
     assert config.learn_scale == ("_lsq" in quant)
-    assert config.residual_bits == (8 if quant.endswith("_res8") else None)
+    assert config.residual_bits == (8 if "_res8" in quant else None)
+    assert config.weight_narrow_range == (not quant.endswith("_full"))
     assert config.symmetric and config.activation_symmetric is False
     assert config.for_layer("model.conv", first=True).weight_bits == 8
     assert config.for_layer("model.fc", last=True).activation_bits == 8

@@ -55,3 +55,11 @@ def test_a_residual_width_is_named_in_the_bits_column():
     run = result("w4a4_lsq_res8", 0.71, 4, learn=True)
     run["quant"]["residual_bits"] = 8
     assert bit_width(run) == "W4A4 (@first W8A8, residual 8-bit)"
+
+
+def test_a_full_weight_grid_is_named_in_the_bits_column():
+    run = result("w2a2_lsq_res8_full", 0.65, 2, learn=True)
+    run["quant"]["weight_narrow_range"] = False
+    assert bit_width(run).endswith(", full weight grid)")
+    run["quant"]["weight_narrow_range"] = True
+    assert "full" not in bit_width(run)

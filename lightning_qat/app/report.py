@@ -71,9 +71,9 @@ def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
 
 
 def bit_width(run: dict[str, Any]) -> str:
-    """``W4A4`` and what ``layer_bits`` and ``residual_bits`` set apart (``W4A4 (@first
-    8-bit, @last 8-bit, residual 8-bit)``),
-    ``FP32`` for a float run."""
+    """``W4A4`` and what ``layer_bits``, ``residual_bits`` and a full weight grid
+    (``weight_narrow_range=False``) set apart (``W4A4 (@first 8-bit, @last 8-bit, residual
+    8-bit, full weight grid)``), ``FP32`` for a float run."""
     quant = run.get("quant")
     if quant is None:
         return "FP32"
@@ -81,6 +81,8 @@ def bit_width(run: dict[str, Any]) -> str:
     kept = [f"{pattern} {_bits(bits)}" for pattern, bits in (quant.get("layer_bits") or {}).items()]
     if quant.get("residual_bits") is not None:
         kept.append(f"residual {quant['residual_bits']}-bit")
+    if quant.get("weight_narrow_range") is False and quant.get("symmetric", True):
+        kept.append("full weight grid")
     return label + (f" ({', '.join(kept)})" if kept else "")
 
 
