@@ -28,9 +28,9 @@ class ImageClassifier(L.LightningModule):
         distillation_weight: ``α`` in ``(1 - α) CE(z_s, y) + α T² KL(softmax(z_t / T) ||
             softmax(z_s / T))`` (knowledge distillation, Hinton et al. 2015, section 2),
             ``z_t`` the logits of the teacher set by `set_teacher` (the float model a
-            low-bit QAT run starts from: the LSQ paper, Esser et al. 2019, section 3.6,
-            distills 2- and 3-bit ResNets from their full-precision models); 0 (default):
-            plain cross-entropy. Training only: validation and test losses stay CE.
+            low-bit QAT run starts from; Esser et al. 2019 report LSQ with distillation
+            from the full-precision model too); 0 (default): plain cross-entropy.
+            Training only: validation and test losses stay CE.
         distillation_temperature: ``T``, > 0.
     """
 
