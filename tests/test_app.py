@@ -395,10 +395,18 @@ def test_bad_checkpoints_are_named_before_training(tmp_path):
         assert not (tmp_path / run / "checkpoints").exists()
 
 
-def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
-    fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory) -> tuple[Path, float]:
+    """A 2-epoch FP32 digits run: its last checkpoint and its test accuracy."""
+    root = tmp_path_factory.mktemp("fp32")
+    fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=root)
     assert fp32.returncode == 0, fp32.stderr[-3000:]
-    ckpt = next((tmp_path / "fp32" / "checkpoints").glob("latest-*.ckpt"))
+    ckpt = next((root / "fp32" / "checkpoints").glob("latest-*.ckpt"))
+    return ckpt, json.loads((root / "fp32" / "results.json").read_text())["test_acc"]
+
+
+def test_ptq_run_calibrates_a_float_checkpoint_without_training(float_run, tmp_path):
+    ckpt, float_acc = float_run
     result = train(
         f"init_checkpoint={ckpt}",
         "+ptq.method=kl",
@@ -411,14 +419,11 @@ def test_ptq_run_calibrates_a_float_checkpoint_without_training(tmp_path):
     results = json.loads((tmp_path / "ptq" / "results.json").read_text())
     assert results["variant"] == "ptq_kl/sym_fold" and results["epochs"] == 0
     assert results["ptq"] == {"method": "kl", "num_batches": 4}
-    float_acc = json.loads((tmp_path / "fp32" / "results.json").read_text())["test_acc"]
     assert results["fake_quant_test_acc"] > float_acc - 0.05
 
 
-def test_a_distilled_qat_run_learns_from_its_float_checkpoint(tmp_path):
-    fp32 = train("quant=none", "trainer.max_epochs=2", "hydra.run.dir=fp32", *FAST, cwd=tmp_path)
-    assert fp32.returncode == 0, fp32.stderr[-3000:]
-    ckpt = next((tmp_path / "fp32" / "checkpoints").glob("latest-*.ckpt"))
+def test_a_distilled_qat_run_learns_from_its_float_checkpoint(float_run, tmp_path):
+    ckpt, float_acc = float_run
     result = train(
         f"init_checkpoint={ckpt}",
         "module.distillation_weight=0.5",
@@ -437,7 +442,6 @@ def test_a_distilled_qat_run_learns_from_its_float_checkpoint(tmp_path):
     (checkpoint,) = (tmp_path / "kd" / "checkpoints").glob("latest-*.ckpt")
     assert set(_state(checkpoint)) > set(_state(ckpt))  # the model's keys and quantizers
     assert not any("teacher" in key for key in _state(checkpoint))
-    float_acc = json.loads((tmp_path / "fp32" / "results.json").read_text())["test_acc"]
     assert results["test_acc"] > float_acc - 0.05
 
 
