@@ -1,11 +1,13 @@
 """Learned step sizes (LSQ, LSQ+), per-layer bit widths and the MSE range search."""
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
 from qat_digits import train_qat_digits
 from test_export_graphs import FLOAT_KERNELS, optimized_ops
@@ -25,6 +27,7 @@ from lightning_qat import (
 from lightning_qat.app.models import ResNetCifar
 from lightning_qat.callback import QUANTIZER_GROUP
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
+from lightning_qat.quant import zeroed_channels
 from lightning_qat.quant.range_search import lsq_initial_scale, mse_range
 
 LSQ_W4A4 = QuantConfig(
@@ -434,3 +437,38 @@ def test_mse_calibration_starts_the_learned_steps(tmp_path):
         QuantizationAwareTraining(calibration_method="best", calibration_batches=2)
     with pytest.raises(ValueError, match="needs calibration_batches >= 1"):
         QuantizationAwareTraining(calibration_method="mse")
+
+
+class _BlowUpAStep(L.Callback):
+    """At the first epoch's last batch, sets one weight channel's learned step far above
+    its weights (what 8-bit LSQ did to 104 of ResNet-20's 794 channels)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == trainer.num_training_batches - 1:
+            with torch.no_grad():
+                module.net[0].weight_quantizer.scale[2] = 1e3
+
+
+def test_weight_channels_switched_off_by_their_steps_are_counted_each_epoch(tmp_path):
+    logged = []
+    for blow_up in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = DigitsClassifier()
+        callback = QuantizationAwareTraining(LSQ_W4A4, verbose=False)
+        callbacks = [callback, _BlowUpAStep()] if blow_up else [callback]
+        logger = CSVLogger(tmp_path, name=f"csv{blow_up}")
+        kwargs = trainer_kwargs(tmp_path, max_epochs=2, logger=logger)
+        L.Trainer(callbacks=callbacks, **kwargs).fit(module, DigitsData())
+        rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+        column = rows[0].split(",").index("qat/zeroed_weight_channels")
+        logged.append([float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]])
+    baseline, blown = logged
+    assert len(baseline) == 2  # each epoch's end
+    assert blown == [n + 1 for n in baseline]  # the channel switched off, and only it
+
+
+def test_zeroed_channels_are_those_with_weights_but_no_code():
+    weight = torch.tensor([[0.0, 0.0], [1e-3, -1e-3], [1.0, 2.0]])  # pruned, off, alive
+    quantized = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0]])
+    assert zeroed_channels(weight, quantized) == [1]
+    assert zeroed_channels(weight.t(), quantized.t(), ch_axis=1) == [1]

@@ -4,7 +4,7 @@ from lightning_qat.quant.bias import bias_codes, quantize_bias
 from lightning_qat.quant.config import QuantConfig
 from lightning_qat.quant.fake_quantize import FakeQuantize
 from lightning_qat.quant.learned_fake_quantize import LearnedScaleFakeQuantize
-from lightning_qat.quant.metrics import sqnr_db
+from lightning_qat.quant.metrics import sqnr_db, zeroed_channels
 from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import MIN_SCALE, compute_qparams, quant_range
 
@@ -20,4 +20,5 @@ __all__ = [
     "quant_range",
     "quantize_bias",
     "sqnr_db",
+    "zeroed_channels",
 ]

@@ -21,3 +21,13 @@ def sqnr_db(signal: torch.Tensor, quantized: torch.Tensor) -> float:
     if power == 0:
         return -math.inf
     return 10 * math.log10(power / noise)
+
+
+def zeroed_channels(weight: torch.Tensor, quantized: torch.Tensor, ch_axis: int = 0) -> list[int]:
+    """Output channels along ``ch_axis`` whose weights are not all zero but quantize to all
+    zeros: channels a step size larger than twice their largest weight has switched off
+    (nothing a pruned, all-zero channel is counted for)."""
+    weight = weight.detach().movedim(ch_axis, 0).flatten(1)
+    quantized = quantized.detach().movedim(ch_axis, 0).flatten(1)
+    zeroed = (quantized == 0).all(dim=1) & (weight != 0).any(dim=1)
+    return zeroed.nonzero().flatten().tolist()
