@@ -452,12 +452,7 @@ class QuantizationAwareTraining(L.Callback):
             quantizer = layer.weight_quantizer
             if not isinstance(quantizer, LearnedScaleFakeQuantize) or not quantizer.learning:
                 continue
-            with torch.no_grad():
-                weight = layer.weight_to_quantize()
-                was_observing = quantizer.observer_enabled
-                quantizer.enable_observer(False)  # the steps in use
-                count += len(zeroed_channels(weight, quantizer(weight)))
-                quantizer.enable_observer(was_observing)
+            count += len(zeroed_channels(*_weights_as_quantized(layer)))
         return count
 
     def _layer_statistics(self, pl_module: nn.Module) -> dict[str, float]:
@@ -477,13 +472,7 @@ class QuantizationAwareTraining(L.Callback):
                     metrics[layer_metric(key, "act_clipped")] = clipped / counts["total"]
             act.observer.warn_if_nonfinite()
         for name, layer in quantized_layers(pl_module):
-            with torch.no_grad():
-                weight = layer.weight_to_quantize()
-                quantizer = layer.weight_quantizer
-                was_observing = quantizer.observer_enabled
-                quantizer.enable_observer(False)  # measure with the scales in use
-                metrics[layer_metric(name, "weight_sqnr_db")] = sqnr_db(weight, quantizer(weight))
-                quantizer.enable_observer(was_observing)
+            metrics[layer_metric(name, "weight_sqnr_db")] = sqnr_db(*_weights_as_quantized(layer))
         return metrics
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -743,6 +732,18 @@ def is_quantizer_key(key: str) -> bool:
     every quantizer is registered under a name ending in ``quantizer``
     (``activation_quantizer``, ``output_quantizer``, an attention's ``key_quantizer``)."""
     return any(part.endswith("quantizer") for part in key.split(".")[:-1])
+
+
+@torch.no_grad()
+def _weights_as_quantized(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's weight as its quantizer sees it (folded under BN folding) and that weight
+    fake-quantized on the scales in use (the observer paused: measuring moves nothing)."""
+    weight, quantizer = layer.weight_to_quantize(), layer.weight_quantizer
+    was_observing = quantizer.observer_enabled
+    quantizer.enable_observer(False)
+    quantized = quantizer(weight)
+    quantizer.enable_observer(was_observing)
+    return weight, quantized
 
 
 def _is_converted(module: nn.Module) -> bool:
