@@ -27,7 +27,7 @@ from lightning_qat import (
 from lightning_qat.app.models import ResNetCifar
 from lightning_qat.callback import QUANTIZER_GROUP
 from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integer, to_onnx
-from lightning_qat.quant import zeroed_channels
+from lightning_qat.quant import learned_fake_quantize, zeroed_channels
 from lightning_qat.quant.range_search import lsq_initial_scale, mse_range
 
 LSQ_W4A4 = QuantConfig(
@@ -48,13 +48,15 @@ def learning_quantizer(bits, symmetric, weights=False, channels=None):
     return FakeQuantize.for_activations(config).train()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_step_size_gradient_is_lsq_formula(symmetric):
+def test_step_size_gradient_is_lsq_formula(symmetric, bits):
     """d x_hat / d s = round(x/s) - x/s inside the range, qmin - z / qmax - z where
     clipped, times g = 1/sqrt(N Qp) (Esser et al. 2019, eqs. 3 and 4); the zero point
-    gets -s g where clipped (LSQ+)."""
+    gets -s g where clipped (LSQ+). Above 4 bits g is damped by 2^(-1.5 (b - 4)): 1/64
+    at 8 bits."""
     torch.manual_seed(0)
-    quantizer = learning_quantizer(4, symmetric)
+    quantizer = learning_quantizer(bits, symmetric)
     x = torch.randn(8, 50) * 2
     quantizer(x)  # starts learning: the step from the first batch
     assert quantizer.learning
@@ -73,6 +75,8 @@ def test_step_size_gradient_is_lsq_formula(symmetric):
     )
     levels = qmax if symmetric else qmax - qmin
     g = 1 / (50 * levels) ** 0.5  # 50 features a sample
+    if bits == 8:
+        g /= 64
     expected = (upstream * d_scale).sum() * g
     assert quantizer.scale.grad is not None
     torch.testing.assert_close(quantizer.scale.grad.reshape(()), expected, rtol=1e-4, atol=1e-6)
@@ -81,6 +85,52 @@ def test_step_size_gradient_is_lsq_formula(symmetric):
         expected_z = (upstream * clipped * -s).sum() * g
         got = quantizer.learned_zero_point.grad.reshape(())
         torch.testing.assert_close(got, expected_z, rtol=1e-4, atol=1e-6)
+
+
+def _worst_step_drift(seed: int, steps: int = 100) -> float:
+    """Fits 16 channels of 8-bit weights, each with 3 outliers the MSE start clips, to
+    a target that wants the outliers flipped (so their clipped gradients keep pushing
+    the steps), by SGD with momentum as in the app's fine-tuning (lr 0.02, 0.9); returns
+    the largest factor by which a step size moved off its start, up or down."""
+    torch.manual_seed(seed)
+    weight = torch.randn(16, 144) * 0.05
+    weight[:, :3] *= 6
+    target = weight.clone()
+    target[:, :3] *= -1
+    weight = nn.Parameter(weight)
+    config = QuantConfig(weight_bits=8, learn_scale=True, scale_init="mse")
+    quantizer = FakeQuantize.for_weights(config, 16).train()
+    quantizer(weight)  # starts learning
+    start = quantizer.scale.detach().clone()
+    optimizer = torch.optim.SGD([weight, quantizer.scale], lr=0.02, momentum=0.9)
+    worst = 1.0
+    for _ in range(steps):
+        x = torch.randn(256, 144)
+        loss = (x @ quantizer(weight).t() - x @ target.t()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ratio = quantizer.scale.detach().clamp(min=1e-12) / start
+        worst = max(worst, float(ratio.max()), float(1 / ratio.min()))
+    return worst
+
+
+def test_8_bit_weight_steps_do_not_run_away(monkeypatch):
+    """LSQ's gradient scale at 8 bits lets clipped outliers drive a per-channel step to
+    the floor (issue 12: 103 of ResNet-20's 794 channels 10x off within 60 steps); with
+    the damping above 4 bits every step stays within a few times its start. The same
+    problem undamped is shown to run away, so the test can fail."""
+    drifts = [_worst_step_drift(seed) for seed in range(4)]
+    assert max(drifts) < 10, drifts
+    monkeypatch.setattr(learned_fake_quantize, "high_bits_damping", lambda bits: 1.0)
+    undamped = [_worst_step_drift(seed) for seed in range(4)]
+    assert max(undamped) > 1e3, undamped  # a step driven to the floor
+
+
+def test_high_bits_damping_leaves_lsq_as_published_up_to_4_bits():
+    assert [learned_fake_quantize.high_bits_damping(b) for b in (2, 3, 4)] == [1.0, 1.0, 1.0]
+    assert learned_fake_quantize.high_bits_damping(8) == 1 / 64
+    assert learned_fake_quantize.high_bits_damping(6) == pytest.approx(2**-3)
 
 
 def test_step_gradient_is_the_same_for_a_channels_last_input_and_a_contiguous_gradient():
