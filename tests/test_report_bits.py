@@ -63,3 +63,11 @@ def test_a_full_weight_grid_is_named_in_the_bits_column():
     assert bit_width(run).endswith(", full weight grid)")
     run["quant"]["weight_narrow_range"] = True
     assert "full" not in bit_width(run)
+
+
+def test_undamped_lsq_steps_are_named_in_the_bits_column():
+    run = result("w8a8_lsq", 0.5, 8, learn=True)
+    run["quant"]["high_bits_damping"] = False
+    assert bit_width(run).endswith(", LSQ undamped above 4 bits)")
+    del run["quant"]["high_bits_damping"]  # results written before the option: as before
+    assert "undamped" not in bit_width(run)

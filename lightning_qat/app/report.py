@@ -71,8 +71,9 @@ def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
 
 
 def bit_width(run: dict[str, Any]) -> str:
-    """``W4A4`` and what ``layer_bits``, ``residual_bits`` and a full weight grid
-    (``weight_narrow_range=False``) set apart (``W4A4 (@first 8-bit, @last 8-bit, residual
+    """``W4A4`` and what ``layer_bits``, ``residual_bits``, a full weight grid
+    (``weight_narrow_range=False``) and undamped LSQ steps (``high_bits_damping=False``)
+    set apart (``W4A4 (@first 8-bit, @last 8-bit, residual
     8-bit, full weight grid)``), ``FP32`` for a float run."""
     quant = run.get("quant")
     if quant is None:
@@ -83,6 +84,8 @@ def bit_width(run: dict[str, Any]) -> str:
         kept.append(f"residual {quant['residual_bits']}-bit")
     if quant.get("weight_narrow_range") is False and quant.get("symmetric", True):
         kept.append("full weight grid")
+    if quant.get("learn_scale") and quant.get("high_bits_damping") is False:
+        kept.append("LSQ undamped above 4 bits")
     return label + (f" ({', '.join(kept)})" if kept else "")
 
 

@@ -254,4 +254,6 @@ def _quantizer_class(cls: type[FakeQuantize], config: QuantConfig) -> type[FakeQ
 
 
 def _learned(config: QuantConfig) -> dict[str, Any]:
-    return {"scale_init": config.scale_init} if config.learn_scale else {}
+    if not config.learn_scale:
+        return {}
+    return {"scale_init": config.scale_init, "high_bits_damping": config.high_bits_damping}

@@ -128,8 +128,10 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         observe_in_eval: bool = False,
         narrow_range: bool = True,
         scale_init: str = "mse",
+        high_bits_damping: bool = True,
     ):
         self.scale_init = scale_init
+        self.high_bits_damping = high_bits_damping
         super().__init__(observer, bits, symmetric, observe_in_eval, narrow_range)
         self.learning = False
 
@@ -206,13 +208,13 @@ class LearnedScaleFakeQuantize(FakeQuantize):
 
     def gradient_scale(self, x: torch.Tensor) -> float:
         """``g = 1 / sqrt(N Qp)`` (LSQ section 2.2), times ``2^(-1.5 (b - 4))`` above
-        ``b = 4`` bits (`high_bits_damping`)."""
+        ``b = 4`` bits (`high_bits_damping`, unless switched off)."""
         if self.holds_weights:
             elements = x.numel() // (self.scale.numel() if self.per_channel else 1)
         else:  # activations: the features of one sample
             elements = x[0].numel() if x.dim() > 1 else x.numel()
         lsq = 1.0 / math.sqrt(max(elements, 1) * self.positive_levels)
-        return lsq * high_bits_damping(self.bits)
+        return lsq * high_bits_damping(self.bits) if self.high_bits_damping else lsq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = self.training and torch.is_grad_enabled()
