@@ -4,7 +4,8 @@
 # then, from that checkpoint, with one budget for every row (recipe resnet20_lowbit_cpu):
 # the fair FP32 row, LSQ and observer-based QAT at W8A8, W4A8, W4A4, W3A3, W2A2 (first and
 # last layers at 8 bits; the *_res8 rows keep the residual adds at 8 bits, *_full rows use
-# LSQ's full signed weight grid, *_kd rows distil from the FP32 checkpoint), and PTQ at each
+# LSQ's full signed weight grid, *_kd rows distil from the FP32 checkpoint, *_undamped rows
+# learn 8-bit steps with LSQ's gradient as published), and PTQ at each
 # width (recipe resnet20_lowbit_ptq_cpu, mse ranges); every quantized row exported and
 # scored on the full 10k test set; the report.
 #   bash scripts/lowbit_protocol.sh [OUT_DIR] [ROW ...]   (default outputs/resnet20_budget)
@@ -24,7 +25,7 @@ fi
 checkpoint=$(ls "$out"/fp32/checkpoints/latest-epoch*.ckpt | tail -n 1)
 rows=("$@")
 if [ ${#rows[@]} -eq 0 ]; then
-  rows=(none w4a4_lsq_res8 w2a2_lsq_res8_full_kd w2a2_lsq_res8_full w2a2_lsq_res8 w4a4_lsq
+  rows=(none w4a4_lsq_res8 w2a2_lsq_res8_full_kd w2a2_lsq_res8_full w2a2_lsq_res8 w4a4_lsq_res8_undamped w4a4_lsq
         w2a2_lsq w2a2 ptq_w4a4 ptq_w2a2 w4a4
         w3a3_lsq w3a3 ptq_w3a3 w4a8_lsq w4a8 ptq_w4a8 w8a8_lsq w8a8 ptq_w8a8)
 fi

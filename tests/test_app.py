@@ -119,6 +119,7 @@ def test_low_bit_variants_keep_the_first_and_last_layers_at_8_bits(composed, qua
     assert config.learn_scale == ("_lsq" in quant)
     assert config.residual_bits == (8 if "_res8" in quant else None)
     assert config.weight_narrow_range == (not quant.endswith("_full"))
+    assert config.high_bits_damping == (not quant.endswith("_undamped"))
     assert config.symmetric and config.activation_symmetric is False
     assert config.for_layer("model.conv", first=True).weight_bits == 8
     assert config.for_layer("model.fc", last=True).activation_bits == 8
