@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_qat.callback import _weights_as_quantized  # the callback's own measure
 from lightning_qat.quant.learned_fake_quantize import LearnedScaleFakeQuantize
 from lightning_qat.quant.metrics import zeroed_channels
 
@@ -82,11 +83,7 @@ class StepSizeTrace(L.Callback):
             )
             ratio = scale / self.initial[name]
             off += int(((ratio > 10) | (ratio < 0.1)).sum())
-            weight = module.weight_to_quantize()
-            was_observing = quantizer.observer_enabled
-            quantizer.enable_observer(False)  # measuring moves nothing
-            dead += len(zeroed_channels(weight, quantizer(weight), quantizer.ch_axis))
-            quantizer.enable_observer(was_observing)
+            dead += len(zeroed_channels(*_weights_as_quantized(module), quantizer.ch_axis))
             channels += scale.numel()
         if not step_changes:
             return
