@@ -29,6 +29,7 @@ from lightning_qat.nn import (
     QUANTIZED_LAYERS,
     FoldedBatchNorm2d,
     QuantMultiheadAttention,
+    ReLUBeforeQuantizer,
     attention_unsupported,
     keep_module_paths,
 )
@@ -281,6 +282,7 @@ def _place(model: nn.Module, layers: list[str]) -> Placement:
         placement.tensor_quantizers.extend(found.tensor_quantizers)
         placement.float_ops.extend(found.float_ops)
         placement.unquantized.extend(found.unquantized)
+        placement.relus_into_layers.extend(found.relus_into_layers)
         for name in found.opaque:  # modules torch.fx kept whole that hold layers
             visit(module.get_submodule(name), _prefixed(prefix, name))
 
@@ -451,6 +453,7 @@ def apply_plan(model: nn.Module, config: QuantConfig, plan: ConversionPlan) -> n
         _set_submodule(model, name, new)
     keep_module_paths(model)
     _attach_tensor_quantizers(model, config, configs, plan.placement)
+    _join_relus_to_quantizers(model, plan.placement)
     return model
 
 
@@ -498,6 +501,26 @@ def _attach_tensor_quantizers(
                 continue  # its own quantizer requantizes onto its width
             layer.activation_quantizer = quantizer
             layer.input_quantized_upstream = True
+
+
+def _join_relus_to_quantizers(model: nn.Module, placement: Placement) -> None:
+    """Make each ``nn.ReLU`` whose output goes to one per-tensor `FakeQuantize` and
+    nothing else a `ReLUBeforeQuantizer`, its gradient mask applied by that quantizer:
+    a ReLU that only its layer's input quantizer reads, or a ReLU returning its output
+    through its own ``output_quantizer``. Learned-step quantizers keep their input for
+    the backward anyway, so their ReLUs stay as they are."""
+    joins: list[tuple[nn.Module, FakeQuantize]] = []
+    for relu_name, layer_name in placement.relus_into_layers:
+        layer = model.get_submodule(layer_name)
+        if not layer.input_quantized_upstream and layer.activation_quantizer.fake_quant_enabled:
+            joins.append((model.get_submodule(relu_name), layer.activation_quantizer))
+    for point in placement.tensor_quantizers:
+        module = model.get_submodule(point.module)
+        if not point.on_input and type(module) is nn.ReLU:
+            joins.append((module, getattr(module, OUTPUT_QUANTIZER)))
+    for relu, quantizer in joins:
+        if type(relu) is nn.ReLU and type(quantizer) is FakeQuantize and not quantizer.per_channel:
+            ReLUBeforeQuantizer.convert(relu, quantizer)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Container
 from dataclasses import dataclass, field
 
-from torch import fx
+from torch import fx, nn
 
 from lightning_qat.graph.ops import INTEGER_OPS, SAME_GRID, Kind, Op, classify
 from lightning_qat.graph.trace import TracedModel
@@ -69,12 +69,16 @@ class Placement:
             cannot be quantized; they run in float.
         opaque: modules the trace kept whole that hold layers (``Kind.OPAQUE``), by
             their name in the traced model: to be placed on their own.
+        relus_into_layers: ``(relu, layer)``: an ``nn.ReLU`` module called once whose
+            output only that layer reads, as its input (the layer's own input quantizer
+            can apply the ReLU's gradient mask: `lightning_qat.nn.ReLUBeforeQuantizer`).
     """
 
     tensor_quantizers: list[TensorQuantizer] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     unquantized: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
+    relus_into_layers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def stays_float(self) -> list[str]:
@@ -117,6 +121,13 @@ def _produces_integer(op: Op, integer: set[fx.Node]) -> bool:
     return op.kind is Kind.LAYER_BN or op.node in integer
 
 
+def _relu_module(node: fx.Node, traced: TracedModel) -> str | None:
+    """The name of the ``nn.ReLU`` module (exactly that class) whose one call ``node`` is."""
+    if node.op != "call_module" or traced.calls[str(node.target)] != 1:
+        return None
+    return str(node.target) if type(traced.modules[str(node.target)]) is nn.ReLU else None
+
+
 def place(traced: TracedModel, layers: Container[str] = (), prefix: str = "") -> Placement:
     """The quantization points of a traced float (or prepared) model; ``layers`` names
     the float Conv2d/Linear that will be quantized (see the module docstring). Names in
@@ -151,7 +162,12 @@ def place(traced: TracedModel, layers: Container[str] = (), prefix: str = "") ->
             chain.append(users[chain[-1]][0])
         last_users = users[chain[-1]]
         if len(last_users) == 1 and ops[last_users[0]].kind is Kind.LAYER:
-            continue  # the layer's own input quantizer
+            # the layer's own input quantizer
+            relu = _relu_module(chain[-1], traced)
+            if relu is not None and ops[last_users[0]].inputs[:1] == [chain[-1]]:
+                where = ops[last_users[0]].where
+                placement.relus_into_layers.append((f"{prefix}.{relu}" if prefix else relu, where))
+            continue
         attach = next(
             (
                 name

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d
+from lightning_qat.nn import QUANTIZED_LAYERS, FoldedBatchNorm2d, ReLUBeforeQuantizer
 from lightning_qat.quant import FakeQuantize
 
 #: Modules the trace keeps whole (besides torch.nn's own, which torch.fx keeps whole).
-LEAVES = (*QUANTIZED_LAYERS, FakeQuantize, FoldedBatchNorm2d)
+LEAVES = (*QUANTIZED_LAYERS, FakeQuantize, FoldedBatchNorm2d, ReLUBeforeQuantizer)
 #: The attributes under which a module holds the quantizer of its output / first input.
 OUTPUT_QUANTIZER = "output_quantizer"
 INPUT_QUANTIZER = "input_quantizer"

@@ -13,6 +13,7 @@ from lightning_qat.nn.conv import QuantConv1d, QuantConv2d, QuantConvTranspose2d
 from lightning_qat.nn.conv_bn import QuantConvBn1d, QuantConvBn2d, QuantConvBnMixin
 from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
 from lightning_qat.nn.linear import QuantLinear
+from lightning_qat.nn.relu import ReLUBeforeQuantizer
 
 QUANTIZED_LAYERS = (
     QuantConv2d,
@@ -52,6 +53,7 @@ __all__ = [
     "QuantConvTranspose2d",
     "QuantLinear",
     "QuantMultiheadAttention",
+    "ReLUBeforeQuantizer",
     "attention_unsupported",
     "keep_module_paths",
 ]

@@ -42,23 +42,28 @@ class _PerTensorFakeQuant(torch.autograd.Function):
     the bool mask to float and multiplies (two full-size passes and two allocations per
     activation); ``torch.where(mask, grad, 0)`` is one. ``bench/qat_overhead.py`` measures
     the training step.
+
+    With ``after_relu`` (the input is a `ReLUBeforeQuantizer`'s output, whose own
+    backward passes the gradient through), the mask also holds the ReLU's ``x > 0``.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu):  # type: ignore[override]
         # The "fake quant enabled" flag as the public op passes it: int64, on x's device
         # (the CUDA kernel reads it on the device).
         enabled = torch.ones(1, dtype=torch.long, device=x.device)
         out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
             x, scale, zero_point, enabled, quant_min, quant_max
         )
+        if after_relu:  # (a NaN is out of range: its mask is already False)
+            mask &= x > 0
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None
+        return torch.where(mask, grad, 0.0), None, None, None, None, None
 
 
 class FakeQuantize(nn.Module):
@@ -82,6 +87,10 @@ class FakeQuantize(nn.Module):
     whereas an activation range is a running statistic of the training data and must not
     move during validation.
     """
+
+    #: The input is the output of a `lightning_qat.nn.ReLUBeforeQuantizer`, whose
+    #: gradient mask this quantizer applies (set by `prepare_qat`).
+    input_after_relu: bool = False
 
     def __init__(
         self,
@@ -200,7 +209,9 @@ class FakeQuantize(nn.Module):
                 x32, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max
             )
         elif torch.is_grad_enabled() and x32.requires_grad:
-            out = _PerTensorFakeQuant.apply(x32, scale, zero_point, self.quant_min, self.quant_max)
+            out = _PerTensorFakeQuant.apply(
+                x32, scale, zero_point, self.quant_min, self.quant_max, self.input_after_relu
+            )
         else:  # inference: no mask to keep, and a plain aten op for tracing and export
             out = torch.fake_quantize_per_tensor_affine(
                 x32, scale, zero_point, self.quant_min, self.quant_max
