@@ -71,3 +71,39 @@ def test_undamped_lsq_steps_are_named_in_the_bits_column():
     assert bit_width(run).endswith(", LSQ undamped above 4 bits)")
     del run["quant"]["high_bits_damping"]  # results written before the option: as before
     assert "undamped" not in bit_width(run)
+
+
+def test_repeated_runs_get_their_mean_and_spread(tmp_path):
+    """Seeds of one variant: one row each in the run table, and a second table with
+    their mean, sample standard deviation and range against the FP32 mean; the seed of a
+    run from before results recorded it comes from its resolved config."""
+    runs = [
+        {**result("none", 0.72), "seed": 0},
+        {**result("none", 0.70), "seed": 1},
+        {**result("w4a4_lsq", 0.69, 4, learn=True), "seed": 0},
+        {**result("w4a4_lsq", 0.68, 4, learn=True), "seed": 1},
+        result("w4a4_lsq", 0.70, 4, learn=True),
+        result("w2a2", 0.40, 2),
+    ]
+    for index, run in enumerate(runs):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(run))
+    (tmp_path / "4" / "config_resolved.yaml").write_text("seed: 7\nquant: {}\n")
+    report = write_report(tmp_path).read_text()
+    assert "## Repeated runs" in report
+    row = next(
+        line
+        for line in report.splitlines()
+        if line.startswith("| resnet20_lowbit_cpu | w4a4_lsq |") and "| 3 |" in line
+    )
+    # mean 69.00, sample std 1.00, vs the FP32 mean 71.00: -2.00
+    assert "| 3 | 0, 1, 7 | 69.00 | 1.00 | 68.00 - 70.00 | -2.00 |" in row
+    assert "| w2a2 | W2A2 (@first W8A8) | QAT, observers | 1 | None | 40.00 | - |" in report
+
+
+def test_no_repeats_no_second_table(tmp_path):
+    folder = tmp_path / "0"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(result("none", 0.72)))
+    assert "Repeated runs" not in write_report(tmp_path).read_text()

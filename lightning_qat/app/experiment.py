@@ -243,6 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "recipe": cfg.name,
         "variant": variant,
+        "seed": cfg.get("seed"),
         "quant": OmegaConf.to_container(cfg.quant) if cfg.quant is not None else None,
         "schedule": {
             k: cfg.qat[k] for k in ("start_epoch", "freeze_bn_epoch", "freeze_observer_epoch")

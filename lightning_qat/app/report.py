@@ -5,7 +5,8 @@ Reads every run's ``results.json`` (and its CSV metrics) below the directory and
 ``accuracy.png`` (test accuracy per variant), ``curves.png`` (validation accuracy per
 epoch, the QAT start and the freezes marked) and, where runs differ in bit width,
 ``bits.png`` (accuracy against bit width, one line per method: PTQ, QAT with observed
-ranges, QAT with learned step sizes).
+ranges, QAT with learned step sizes). Where a variant ran more than once (other seeds),
+a second table gives each variant's mean, standard deviation and range.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt
@@ -136,6 +139,56 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed(run: dict[str, Any]) -> Any:
+    """The run's seed: in its results, or (runs from before it was recorded there) in
+    its resolved config."""
+    if "seed" in run:
+        return run["seed"]
+    config = Path(run["run_dir"]) / "config_resolved.yaml"
+    if config.exists():
+        return (yaml.safe_load(config.read_text()) or {}).get("seed")
+    return None
+
+
+def repeat_groups(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The runs grouped by what the table says they are (recipe, variant, bits, method,
+    epochs, schedule): repeats of one variant, with other seeds, are one group."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        key = (r["recipe"], r["variant"], bit_width(r), method(r), r.get("epochs"))
+        key += (json.dumps(r.get("schedule"), sort_keys=True),)
+        groups.setdefault(key, []).append(r)
+    return sorted(groups.values(), key=lambda g: (g[0].get("quant") is not None, g[0]["variant"]))
+
+
+def repeats_table(runs: list[dict[str, Any]]) -> str | None:
+    """Mean, sample standard deviation and range of each group of `repeat_groups`, and
+    the mean against the best FP32 group's mean; None where no variant ran twice."""
+    groups = repeat_groups(runs)
+    if all(len(g) == 1 for g in groups):
+        return None
+    means = [statistics.fmean(r["test_acc"] for r in g) for g in groups]
+    fp32 = [m for g, m in zip(groups, means, strict=True) if g[0].get("quant") is None]
+    baseline = max(fp32) if fp32 else None
+    lines = [
+        "| recipe | variant | bits | method | runs | seeds | mean test acc (%) | std | "
+        "min - max (%) | mean vs FP32 mean |",
+        "|---|---|---|---|---:|---|---:|---:|---|---:|",
+    ]
+    for g, mean in zip(groups, means, strict=True):
+        accs = [r["test_acc"] for r in g]
+        std = f"{100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+        delta = "-" if baseline is None else f"{100 * (mean - baseline):+.2f}"
+        seeds = ", ".join(str(_seed(r)) for r in g)
+        r = g[0]
+        lines.append(
+            f"| {r['recipe']} | {r['variant']} | {bit_width(r)} | {method(r)} | {len(g)} "
+            f"| {seeds} | {_pct(mean)} | {std} | {_pct(min(accs))} - {_pct(max(accs))} "
+            f"| {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy(runs: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['variant']}\n({Path(r['run_dir']).name})" for r in runs]
     values = [100 * r["test_acc"] for r in runs]
@@ -234,6 +287,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
         "points against the best FP32 row of this sweep.\n\n"
         "![accuracy](accuracy.png)\n\n![curves](curves.png)\n"
         + ("\n![accuracy against bit width](bits.png)\n" if bits else "")
+        + (
+            f"\n## Repeated runs\n\n{repeats}\nRuns the table above describes alike "
+            "(recipe, variant, bits, method, epochs) are repeats, e.g. other seeds: their "
+            "mean, sample standard deviation and range; vs FP32: against the best FP32 "
+            "mean.\n"
+            if (repeats := repeats_table(runs))
+            else ""
+        )
     )
     return report
 
