@@ -60,8 +60,8 @@ def learning_quantizer(bits, symmetric, weights=False, channels=None, high_bits_
 def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
     """d x_hat / d s = round(x/s) - x/s inside the range, qmin - z / qmax - z where
     clipped, times g = 1/sqrt(N Qp) (Esser et al. 2019, eqs. 3 and 4); the zero point
-    gets -s g where clipped (LSQ+). Above 4 bits g is damped by 2^(-1.5 (b - 4)): 1/64
-    at 8 bits, unless ``high_bits_damping=False``."""
+    gets -s g where clipped (LSQ+). An activation's step is LSQ's at every width, damped
+    or not (the damping is for weights: `test_the_damping_scales_weight_steps_only`)."""
     torch.manual_seed(0)
     quantizer = learning_quantizer(bits, symmetric, high_bits_damping=damped)
     x = torch.randn(8, 50) * 2
@@ -82,8 +82,6 @@ def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
     )
     levels = qmax if symmetric else qmax - qmin
     g = 1 / (50 * levels) ** 0.5  # 50 features a sample
-    if bits == 8 and damped:
-        g /= 64
     expected = (upstream * d_scale).sum() * g
     assert quantizer.scale.grad is not None
     torch.testing.assert_close(quantizer.scale.grad.reshape(()), expected, rtol=1e-4, atol=1e-6)
@@ -92,6 +90,26 @@ def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
         expected_z = (upstream * clipped * -s).sum() * g
         got = quantizer.learned_zero_point.grad.reshape(())
         torch.testing.assert_close(got, expected_z, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_damping_scales_weight_steps_only(bits):
+    """``high_bits_damping``: the weight step's gradient times 2^(-1.5 (b - 4)) (1/64 at
+    8 bits, 1 at 4), the activation step's as published at every width."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 50) * 2
+    upstream = torch.randn(4, 50)
+    grads = {}
+    for weights in (True, False):
+        for damped in (True, False):
+            quantizer = learning_quantizer(bits, True, weights, 4, high_bits_damping=damped)
+            quantizer(x)  # starts learning
+            (quantizer(x) * upstream).sum().backward()
+            grads[weights, damped] = quantizer.scale.grad
+    factor = 1 / 64 if bits == 8 else 1.0
+    assert grads[True, False].abs().min() > 0
+    torch.testing.assert_close(grads[True, True], grads[True, False] * factor)
+    assert torch.equal(grads[False, True], grads[False, False])
 
 
 def _worst_step_drift(seed: int, steps: int = 100) -> float:

@@ -60,12 +60,13 @@ class QuantConfig:
             (their full range) or ``"lsq"`` (``2 mean|x| / sqrt(Qp)``, Esser et al. 2019,
             section 2.1). Activation ranges calibrated before (the callback's
             ``calibration_batches``, `lightning_qat.calibrate`) are kept instead.
-        high_bits_damping: with ``learn_scale``, scale LSQ's step-size gradient by
-            ``2^(-1.5 (b - 4))`` above 4 bits (1/64 at 8; 2 to 4 bits are LSQ as
-            published). On (default) for fine-tuning from a trained model, where without it
-            8-bit per-channel weight steps run away and switch channels off (ResNet-20
-            W8A8 LSQ: 51.6% undamped, 70.5% damped). Off lets 5- to 8-bit steps track
-            weights that grow a lot, as in QAT from random weights (see
+        high_bits_damping: with ``learn_scale``, scale LSQ's gradient of the weight
+            step sizes by ``2^(-1.5 (b - 4))`` above 4 bits (1/64 at 8; 2 to 4 bits, and
+            activation steps at any width, are LSQ as published). On (default) for
+            fine-tuning from a trained model, where without it 8-bit per-channel weight
+            steps run away and switch channels off (ResNet-20 W8A8 LSQ: 51.6% undamped).
+            Off lets 5- to 8-bit weight steps track weights that grow a lot, as in QAT
+            from random weights (see
             `lightning_qat.quant.learned_fake_quantize.high_bits_damping`).
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.

@@ -105,8 +105,8 @@ class LearnedScaleFakeQuantize(FakeQuantize):
       step size quantizes (per output channel for per-channel weights, per sample for
       activations) and ``Qp`` the positive levels (``qmax`` symmetric, ``qmax - qmin``
       asymmetric), so that step sizes and weights learn at comparable relative rates;
-      above 4 bits also by `high_bits_damping` (``2^(-1.5 (b - 4))``), without which
-      8-bit per-channel weight steps run away.
+      weight steps above 4 bits also by `high_bits_damping` (``2^(-1.5 (b - 4))``),
+      without which 8-bit per-channel weight steps run away.
 
     ``scale`` (and, asymmetric, ``learned_zero_point``) are Parameters; ``zero_point``
     is the rounded int32 code as for `FakeQuantize`. Until learning starts the quantizer
@@ -207,14 +207,17 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         self.learning = True
 
     def gradient_scale(self, x: torch.Tensor) -> float:
-        """``g = 1 / sqrt(N Qp)`` (LSQ section 2.2), times ``2^(-1.5 (b - 4))`` above
-        ``b = 4`` bits (`high_bits_damping`, unless switched off)."""
+        """``g = 1 / sqrt(N Qp)`` (LSQ section 2.2); for weights, times
+        ``2^(-1.5 (b - 4))`` above ``b = 4`` bits (`high_bits_damping`, unless switched
+        off)."""
         if self.holds_weights:
             elements = x.numel() // (self.scale.numel() if self.per_channel else 1)
         else:  # activations: the features of one sample
             elements = x[0].numel() if x.dim() > 1 else x.numel()
         lsq = 1.0 / math.sqrt(max(elements, 1) * self.positive_levels)
-        return lsq * high_bits_damping(self.bits) if self.high_bits_damping else lsq
+        if self.high_bits_damping and self.holds_weights:
+            return lsq * high_bits_damping(self.bits)
+        return lsq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = self.training and torch.is_grad_enabled()
@@ -285,7 +288,12 @@ def high_bits_damping(bits: int) -> float:
     after 60 steps. The factor holds a clipped element's leverage at its 4-bit value,
     ``(Qp(4) / Qp(b))^1.5 = 2^(-1.5 (b - 4))``; 8-bit steps then change by a median
     0.03% a step, none 10x off, none dead (traced with ``scripts/step_size_trace.py``,
-    README "Low bit widths")."""
+    README "Low bit widths"). Weight steps only (`LearnedScaleFakeQuantize.gradient_scale`):
+    the runaway was traced on per-channel weight steps of a few dozen to a few hundred
+    weights each, whereas an activation step sums over a whole batch. ResNet-20 W4A4 with
+    8-bit first and last layers and residual path, three seeds each (README): 70.52% mean
+    damping the weight steps, 70.27% damping every 8-bit step, 70.65% undamped (FP32
+    71.78%; seed-to-seed spread 0.2-0.9); W8A8 damping the weight steps only: 70.52%."""
     return 1.0 if bits <= LSQ_BITS else 2.0 ** (-1.5 * (bits - LSQ_BITS))
 
 
