@@ -4,7 +4,8 @@
     python bench/qat_overhead.py --compile       # torch.compile (inductor) of every variant
     python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
 
-Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN, and W4A4
+Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN (and
+symmetric folded with its ReLUs kept plain instead of joined to their quantizers), and W4A4
 with learned step sizes (LSQ, `QuantConfig(learn_scale=True)`, folded BN); torch.ao
 eager QAT (fused ConvBnReLU2d, default fbgemm QAT qconfig) where torch still ships it.
 The variants are timed round-robin (one step of each per round) so that load on this
@@ -41,6 +42,7 @@ from torch_ao_baselines import torch_ao_qat
 
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.app.models import NIN, NIN_WIDTHS
+from lightning_qat.nn import ReLUBeforeQuantizer
 
 #: Learned step sizes at 4 bits as the low-bit recipes use them (conf/quant/w4a4_lsq.yaml).
 LSQ_W4A4 = QuantConfig(
@@ -61,12 +63,25 @@ def variants(widths: tuple[int, ...]) -> dict[str, Callable[[], nn.Module]]:
     return {
         "FP32": lambda: NIN(widths=widths),
         "ours sym folded": ours(True, True),
+        "ours sym folded, plain ReLUs": lambda: plain_relus(ours(True, True)()),
         "ours sym unfolded": ours(True, False),
         "ours asym folded": ours(False, True),
         "ours asym unfolded": ours(False, False),
         "ours LSQ W4A4": lambda: prepare_qat(NIN(widths=widths), LSQ_W4A4),
         "torch.ao eager QAT": lambda: torch_ao_qat(NIN(widths=widths)),
     }
+
+
+def plain_relus(model: nn.Module) -> nn.Module:
+    """``model`` with its `ReLUBeforeQuantizer`s back to plain ReLUs (each keeping its
+    float output for its own backward), as `prepare_qat` left them before it joined
+    them to their quantizers: what the joining saves, measured side by side."""
+    for module in model.modules():
+        if isinstance(module, ReLUBeforeQuantizer):
+            module.reader.input_after_relu = False
+            del module.__dict__["reader"]
+            module.__class__ = nn.ReLU
+    return model
 
 
 def make_step(model: nn.Module, batch_size: int, compile: bool = False) -> Callable[[], None]:

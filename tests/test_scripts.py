@@ -23,6 +23,7 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     for variant in (
         "FP32",
         "ours sym folded",
+        "ours sym folded, plain ReLUs",
         "ours sym unfolded",
         "ours asym folded",
         "ours asym unfolded",
