@@ -34,8 +34,9 @@ class ReLUBeforeQuantizer(nn.ReLU):
     quantizer keeps its in-range mask ``1[qmin <= round(y/s) + z <= qmax]``; the next
     layer keeps the quantized value. Here the ReLU keeps nothing and the quantizer
     (``input_after_relu``) saves ``1[y > 0] · 1[in range]``: the same gradient, bit for
-    bit, one float activation less per ReLU held until the backward (the tensors a NIN
-    training step saves: 1.44x FP32's -> 1.10x), and one full-size backward pass less.
+    bit, one float activation less per ReLU held until the backward (a NIN training
+    step's peak memory: 1.54x FP32's -> 1.27x, ``bench/qat_overhead.py``), and one
+    full-size backward pass less.
 
     `prepare_qat` turns an ``nn.ReLU`` into this class (in place, as
     ``torch.nn.utils.parametrize`` does: hooks, children and state stay) where the
