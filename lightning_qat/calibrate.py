@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_qat.prepare import activation_quantizers, quantized_layers
 from lightning_qat.quant import FakeQuantize
+from lightning_qat.quant.layout import flat_in_memory_order
 from lightning_qat.quant.range_search import mse_range
 
 METHODS = ("minmax", "ema", "percentile", "kl", "mse")
@@ -41,7 +42,7 @@ class _RangeCollector:
         self.abs_max: float = 0.0
 
     def observe_range(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach().float())
+        lo, hi = torch.aminmax(flat_in_memory_order(x.detach().float()))
         lo, hi = float(lo), float(hi)
         if self.min is None:
             self.min, self.max = lo, hi

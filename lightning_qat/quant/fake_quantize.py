@@ -34,6 +34,43 @@ def _same_shape_and_mask(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, tor
 _register_fake_kernels()
 
 
+def fake_quantize_elementwise(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor fake quantization and its in-range mask, in pointwise torch ops.
+
+    The arithmetic of torch's CPU kernel (``_fake_quantize_tensor_helper`` in ATen's
+    ``QuantizedOpKernels.cpp``), step for step in float32:
+    ``q = z + nearbyint(x * (1 / s))``, ``mask = qmin <= q <= qmax``,
+    ``x_hat = (fmin(fmax(q, qmin), qmax) - z) * s``, where ``fmax`` turns a NaN into
+    ``qmin``. Bit for bit the kernel's output (``tests/test_fake_quant_elementwise.py``),
+    but as ops that torch.compile's inductor fuses with the layer's other elementwise work
+    and reductions (the ReLU, the observer's min/max, the backward's mask), where the
+    fused aten kernel is an opaque call that reads and writes the activation once more.
+    Used when compiling; eager keeps the one-pass kernel.
+    """
+    inverse_scale = torch.reciprocal(scale)
+    q = torch.round(x * inverse_scale) + zero_point.float()
+    mask = (q >= quant_min) & (q <= quant_max)
+    clamped = torch.nan_to_num(q, nan=float(quant_min)).clamp(quant_min, quant_max)
+    return (clamped - zero_point.float()) * scale, mask
+
+
+def fake_quantize_with_mask(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor fake quantization and its in-range mask: torch's fused one-pass kernel
+    in eager mode, `fake_quantize_elementwise` (the same bits) under torch.compile."""
+    if torch.compiler.is_compiling():
+        return fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
+    # The "fake quant enabled" flag as the public op passes it: int64, on x's device (the
+    # CUDA kernel reads it on the device).
+    enabled = torch.ones(1, dtype=torch.long, device=x.device)
+    return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+        x, scale, zero_point, enabled, quant_min, quant_max
+    )
+
+
 class _PerTensorFakeQuant(torch.autograd.Function):
     """Per-tensor fake quantization whose backward is one masked select.
 
@@ -49,12 +86,7 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu):  # type: ignore[override]
-        # The "fake quant enabled" flag as the public op passes it: int64, on x's device
-        # (the CUDA kernel reads it on the device).
-        enabled = torch.ones(1, dtype=torch.long, device=x.device)
-        out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, zero_point, enabled, quant_min, quant_max
-        )
+        out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max)
         if after_relu:  # (a NaN is out of range: its mask is already False)
             mask &= x > 0
         ctx.save_for_backward(mask)

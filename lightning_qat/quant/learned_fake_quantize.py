@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_qat.quant.fake_quantize import FakeQuantize
+from lightning_qat.quant.fake_quantize import FakeQuantize, fake_quantize_with_mask
+from lightning_qat.quant.layout import flat_in_memory_order
 from lightning_qat.quant.observer import MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import MIN_SCALE
 from lightning_qat.quant.range_search import lsq_initial_scale, mse_range
@@ -23,7 +24,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     """``x_hat = s (clamp(round(x/s) + z, qmin, qmax) - z)`` with LSQ's gradients for
     ``s`` and ``z`` (see `LearnedScaleFakeQuantize`).
 
-    The forward pass is torch's fused cachemask kernel, the one `FakeQuantize` uses, so
+    The forward pass is the one `FakeQuantize` uses (`fake_quantize_with_mask`), so
     the codes are bit for bit those of the observer-based quantizer on the same grid.
     The backward pass is written out rather than taken from torch's
     ``_fake_quantize_learnable_*`` kernels, whose backward (torch 2.14) turns a negative
@@ -37,10 +38,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, learned_zero_point, zero_point, axis, quant_min, quant_max, g):  # type: ignore[override]
         if axis is None:
-            enabled = torch.ones(1, dtype=torch.long, device=x.device)
-            out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-                x, scale.detach(), zero_point, enabled, quant_min, quant_max
-            )
+            out, mask = fake_quantize_with_mask(x, scale.detach(), zero_point, quant_min, quant_max)
         else:
             out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
                 x, scale.detach(), zero_point, axis, quant_min, quant_max
@@ -58,8 +56,9 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
         if ctx.axis is None:
             # sum(grad (x_hat - m x)) as two dot products over the tensors' memory: no
             # temporaries (an activation is the size of a batch)
-            g_flat, gx_flat = _flat(grad), _flat(grad_x)
-            moved = torch.dot(g_flat, _flat(out)) - torch.dot(gx_flat, _flat(x))
+            flat = flat_in_memory_order
+            g_flat, gx_flat = flat(grad), flat(grad_x)
+            moved = torch.dot(g_flat, flat(out)) - torch.dot(gx_flat, flat(x))
             clipped = g_flat.sum() - gx_flat.sum()
         else:  # weights: small
             dims = [d for d in range(x.dim()) if d != ctx.axis]
@@ -78,12 +77,6 @@ def _strided_like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     if t.stride() == reference.stride():
         return t
     return torch.empty_like(reference).copy_(t)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements as a 1-d view in memory order (a copy only if ``t`` has gaps)."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    return t.permute(order).reshape(-1)
 
 
 class LearnedScaleFakeQuantize(FakeQuantize):
@@ -302,8 +295,12 @@ def _distributed(sync: bool) -> bool:
 
 
 def _range_min(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
-    return x.min() if ch_axis is None else x.movedim(ch_axis, 0).flatten(1).amin(dim=1)
+    if ch_axis is None:
+        return flat_in_memory_order(x).min()
+    return x.movedim(ch_axis, 0).flatten(1).amin(dim=1)
 
 
 def _range_max(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
-    return x.max() if ch_axis is None else x.movedim(ch_axis, 0).flatten(1).amax(dim=1)
+    if ch_axis is None:
+        return flat_in_memory_order(x).max()
+    return x.movedim(ch_axis, 0).flatten(1).amax(dim=1)

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_qat.quant.layout import flat_in_memory_order
+
 
 class MovingAverageMinMaxObserver(nn.Module):
     """Exponential moving average of each batch's min and max, per tensor or per channel.
@@ -52,7 +54,7 @@ class MovingAverageMinMaxObserver(nn.Module):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of ``x``, over all elements or per channel."""
         if not self.per_channel:
-            return torch.aminmax(x)
+            return torch.aminmax(flat_in_memory_order(x))
         return torch.aminmax(x.movedim(self.ch_axis, 0).flatten(1), dim=1)
 
     @torch.no_grad()
