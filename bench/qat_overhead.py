@@ -3,6 +3,7 @@
     python bench/qat_overhead.py                 # NIN, batch 128, channels_last, SGD
     python bench/qat_overhead.py --compile       # torch.compile (inductor) of every variant
     python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
+    python bench/qat_overhead.py --variants "ours sym folded,ours LSQ W4A4"   # these beside FP32
 
 Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN (and
 symmetric folded with its ReLUs kept plain instead of joined to their quantizers), and W4A4
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument(
+        "--variants",
+        help="comma-separated variant names to run (FP32 always runs: the ratios' base)",
+    )
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
     parser.add_argument("--memory-only", action="store_true", help="the memory table alone")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
@@ -164,6 +169,12 @@ def _variants(args: argparse.Namespace, widths: tuple[int, ...]) -> dict[str, Ca
     found = variants(widths)
     if args.compile:  # torch.ao's eager QAT modules are not what this table compares
         found.pop("torch.ao eager QAT")
+    if args.variants:
+        chosen = {"FP32", *(name.strip() for name in args.variants.split(","))}
+        unknown = chosen - set(found)
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {sorted(found)}")
+        found = {name: build for name, build in found.items() if name in chosen}
     return found
 
 

@@ -34,6 +34,19 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     assert "| FP32 | " in out and "| 1.00x |" in out
 
 
+def test_qat_overhead_bench_runs_the_chosen_variants_beside_fp32():
+    out = run_bench("qat_overhead.py", "--malloc", "current", "--variants", "ours LSQ W4A4")
+    assert "| FP32 |" in out and "| ours LSQ W4A4 |" in out, out
+    assert "| ours sym folded |" not in out, out
+    bad = subprocess.run(
+        [sys.executable, "bench/qat_overhead.py", "--malloc", "current", "--variants", "int3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "unknown variant(s) ['int3']" in bad.stderr
+
+
 def test_int8_inference_bench_prints_every_runtime_as_a_ratio():
     # NIN: torch.ao's eager-mode path; ViT: the transformer export (ResNets as NIN, FX)
     models = ("nin", "vit_tiny")
