@@ -36,7 +36,8 @@ def test_every_bit_width_2_to_8_is_accepted(bits):
         ({"symmetric": "yes"}, r"symmetric='yes' must be True or False"),
         ({"per_channel": 1}, r"per_channel"),
         ({"weight_narrow_range": "false"}, r"weight_narrow_range='false' must be True or False"),
-        ({"high_bits_damping": 1}, r"high_bits_damping=1 must be True or False"),
+        ({"high_bits_damping": 1}, r"high_bits_damping=1 must be True \(every step above 4"),
+        ({"high_bits_damping": "all"}, r"high_bits_damping='all' must be True"),
         ({"exclude": "fc"}, r"exclude='fc' must be a list"),
     ],
 )

@@ -60,8 +60,9 @@ def learning_quantizer(bits, symmetric, weights=False, channels=None, high_bits_
 def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
     """d x_hat / d s = round(x/s) - x/s inside the range, qmin - z / qmax - z where
     clipped, times g = 1/sqrt(N Qp) (Esser et al. 2019, eqs. 3 and 4); the zero point
-    gets -s g where clipped (LSQ+). An activation's step is LSQ's at every width, damped
-    or not (the damping is for weights: `test_the_damping_scales_weight_steps_only`)."""
+    gets -s g where clipped (LSQ+). Above 4 bits g is damped by 2^(-1.5 (b - 4)): 1/64
+    at 8 bits, unless ``high_bits_damping=False`` (or ``"weights"``, as this is an
+    activation step: `test_the_damping_scales_every_step_or_the_weight_steps_only`)."""
     torch.manual_seed(0)
     quantizer = learning_quantizer(bits, symmetric, high_bits_damping=damped)
     x = torch.randn(8, 50) * 2
@@ -82,6 +83,8 @@ def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
     )
     levels = qmax if symmetric else qmax - qmin
     g = 1 / (50 * levels) ** 0.5  # 50 features a sample
+    if bits == 8 and damped:
+        g /= 64
     expected = (upstream * d_scale).sum() * g
     assert quantizer.scale.grad is not None
     torch.testing.assert_close(quantizer.scale.grad.reshape(()), expected, rtol=1e-4, atol=1e-6)
@@ -93,23 +96,26 @@ def test_step_size_gradient_is_lsq_formula(symmetric, bits, damped):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_the_damping_scales_weight_steps_only(bits):
-    """``high_bits_damping``: the weight step's gradient times 2^(-1.5 (b - 4)) (1/64 at
-    8 bits, 1 at 4), the activation step's as published at every width."""
+def test_the_damping_scales_every_step_or_the_weight_steps_only(bits):
+    """``high_bits_damping``: the step's gradient times 2^(-1.5 (b - 4)) (1/64 at 8 bits,
+    1 at 4); ``True`` for weight and activation steps, ``"weights"`` for weight steps
+    (activation steps as published)."""
     torch.manual_seed(0)
     x = torch.randn(4, 50) * 2
     upstream = torch.randn(4, 50)
     grads = {}
     for weights in (True, False):
-        for damped in (True, False):
-            quantizer = learning_quantizer(bits, True, weights, 4, high_bits_damping=damped)
+        for damping in (True, "weights", False):
+            quantizer = learning_quantizer(bits, True, weights, 4, high_bits_damping=damping)
             quantizer(x)  # starts learning
             (quantizer(x) * upstream).sum().backward()
-            grads[weights, damped] = quantizer.scale.grad
+            grads[weights, damping] = quantizer.scale.grad
     factor = 1 / 64 if bits == 8 else 1.0
-    assert grads[True, False].abs().min() > 0
-    torch.testing.assert_close(grads[True, True], grads[True, False] * factor)
-    assert torch.equal(grads[False, True], grads[False, False])
+    for weights in (True, False):
+        assert grads[weights, False].abs().min() > 0
+        torch.testing.assert_close(grads[weights, True], grads[weights, False] * factor)
+    torch.testing.assert_close(grads[True, "weights"], grads[True, False] * factor)
+    assert torch.equal(grads[False, "weights"], grads[False, False])
 
 
 def _worst_step_drift(seed: int, steps: int = 100) -> float:

@@ -69,8 +69,10 @@ def test_undamped_lsq_steps_are_named_in_the_bits_column():
     run = result("w8a8_lsq", 0.5, 8, learn=True)
     run["quant"]["high_bits_damping"] = False
     assert bit_width(run).endswith(", LSQ undamped above 4 bits)")
+    run["quant"]["high_bits_damping"] = "weights"
+    assert bit_width(run).endswith(", LSQ damping weight steps only)")
     del run["quant"]["high_bits_damping"]  # results written before the option: as before
-    assert "undamped" not in bit_width(run)
+    assert "undamped" not in bit_width(run) and "damping" not in bit_width(run)
 
 
 def test_repeated_runs_get_their_mean_and_spread(tmp_path):

@@ -75,9 +75,9 @@ def _deployed_cell(run: dict[str, Any], prefix: str, key: str) -> str:
 
 def bit_width(run: dict[str, Any]) -> str:
     """``W4A4`` and what ``layer_bits``, ``residual_bits``, a full weight grid
-    (``weight_narrow_range=False``) and undamped LSQ steps (``high_bits_damping=False``)
-    set apart (``W4A4 (@first 8-bit, @last 8-bit, residual
-    8-bit, full weight grid)``), ``FP32`` for a float run."""
+    (``weight_narrow_range=False``) and undamped LSQ steps (``high_bits_damping=False``,
+    or ``"weights"``: only weight steps damped) set apart (``W4A4 (@first 8-bit, @last
+    8-bit, residual 8-bit, full weight grid)``), ``FP32`` for a float run."""
     quant = run.get("quant")
     if quant is None:
         return "FP32"
@@ -89,6 +89,8 @@ def bit_width(run: dict[str, Any]) -> str:
         kept.append("full weight grid")
     if quant.get("learn_scale") and quant.get("high_bits_damping") is False:
         kept.append("LSQ undamped above 4 bits")
+    if quant.get("learn_scale") and quant.get("high_bits_damping") == "weights":
+        kept.append("LSQ damping weight steps only")
     return label + (f" ({', '.join(kept)})" if kept else "")
 
 
