@@ -44,9 +44,9 @@ def fake_quantize_elementwise(
     ``q = z + nearbyint(x * (1 / s))``, ``mask = qmin <= q <= qmax``,
     ``x_hat = (fmin(fmax(q, qmin), qmax) - z) * s``, where ``fmax`` turns a NaN into
     ``qmin``. Bit for bit the kernel's output (``tests/test_fake_quant_elementwise.py``),
-    but as ops that torch.compile's inductor fuses with the layer's other elementwise work
-    and reductions (the ReLU, the observer's min/max, the backward's mask), where the
-    fused aten kernel is an opaque call that reads and writes the activation once more.
+    but as ops that torch.compile's inductor can fuse with the layer's other elementwise
+    work and reductions (the ReLU, the observer's min/max, the backward's mask), where
+    the fused aten kernel is an opaque call (the generated code has not been inspected).
     Used when compiling; eager keeps the one-pass kernel.
     """
     inverse_scale = torch.reciprocal(scale)
