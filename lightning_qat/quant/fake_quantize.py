@@ -44,15 +44,17 @@ def fake_quantize_elementwise(
     ``q = z + nearbyint(x * (1 / s))``, ``mask = qmin <= q <= qmax``,
     ``x_hat = (fmin(fmax(q, qmin), qmax) - z) * s``, where ``fmax`` turns a NaN into
     ``qmin``. Bit for bit the kernel's output (``tests/test_fake_quant_elementwise.py``),
-    but as ops that torch.compile's inductor can fuse with the layer's other elementwise
-    work and reductions (the ReLU, the observer's min/max, the backward's mask), where
-    the fused aten kernel is an opaque call (the generated code has not been inspected).
+    but as ops that torch.compile's inductor fuses into the loop that writes the layer's
+    output (the BatchNorm, the ReLU), where the aten kernel would be an opaque call with
+    a pass of its own. The NaN is replaced by comparing ``q`` with itself: inductor's
+    CPU code for ``isnan`` (``nan_to_num``) is a scalar loop inside the vector loop.
     Used when compiling; eager keeps the one-pass kernel.
     """
     inverse_scale = torch.reciprocal(scale)
     q = torch.round(x * inverse_scale) + zero_point.float()
     mask = (q >= quant_min) & (q <= quant_max)
-    clamped = torch.nan_to_num(q, nan=float(quant_min)).clamp(quant_min, quant_max)
+    # ±inf clamp to the grid's ends as in fmin/fmax; only a NaN needs replacing
+    clamped = torch.where(q == q, q, float(quant_min)).clamp(quant_min, quant_max)
     return (clamped - zero_point.float()) * scale, mask
 
 
@@ -69,6 +71,29 @@ def fake_quantize_with_mask(
     return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
         x, scale, zero_point, enabled, quant_min, quant_max
     )
+
+
+def mask_for_backward(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as kept for the backward pass: as it is in eager mode, as uint8 (0 or 1)
+    under torch.compile. Inductor's CPU code moves bool tensors to and from memory
+    element by element: writing the mask of a 25 MB activation took 14-27 ms and reading
+    it back 10 ms, against about 1 ms each way as uint8 (2 cores, AVX-512;
+    ``tests/test_compiled_kernels.py`` checks that no bool tensor is written)."""
+    if torch.compiler.is_compiling():
+        return torch.where(mask, 1, 0).to(torch.uint8)
+    return mask
+
+
+def where_in_range(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``mask`` (from `mask_for_backward`) is set, else 0.
+
+    A uint8 mask multiplies: any comparison that turns it back into bool is moved by the
+    partitioner into the forward graph, which then stores the bool mask again. The
+    product equals the selection except for the sign of a zero (``-g * 0 = -0.0``) and a
+    non-finite ``g`` (whose step the non-finite guard skips anyway)."""
+    if mask.dtype == torch.bool:
+        return torch.where(mask, grad, 0.0)
+    return grad * mask
 
 
 class _PerTensorFakeQuant(torch.autograd.Function):
@@ -89,13 +114,13 @@ class _PerTensorFakeQuant(torch.autograd.Function):
         out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max)
         if after_relu:  # (a NaN is out of range: its mask is already False)
             mask &= x > 0
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(mask_for_backward(mask))
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None, None
+        return where_in_range(mask, grad), None, None, None, None, None
 
 
 class FakeQuantize(nn.Module):

@@ -9,7 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_qat.quant.fake_quantize import FakeQuantize, fake_quantize_with_mask
+from lightning_qat.quant.fake_quantize import (
+    FakeQuantize,
+    fake_quantize_with_mask,
+    mask_for_backward,
+    where_in_range,
+)
 from lightning_qat.quant.layout import flat_in_memory_order
 from lightning_qat.quant.observer import MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import MIN_SCALE
@@ -43,7 +48,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
                 x, scale.detach(), zero_point, axis, quant_min, quant_max
             )
-        ctx.save_for_backward(x, out, mask, scale)
+        ctx.save_for_backward(x, out, mask_for_backward(mask), scale)
         ctx.axis, ctx.g, ctx.has_zero_point = axis, g, learned_zero_point is not None
         return out
 
@@ -51,7 +56,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, out, mask, scale = ctx.saved_tensors
         grad, out = _strided_like(grad, x), _strided_like(out, x)
-        grad_x = torch.where(mask, grad, 0.0)
+        grad_x = where_in_range(mask, grad)
         s = scale.detach()
         if ctx.axis is None:
             # sum(grad (x_hat - m x)) as two dot products over the tensors' memory: no
