@@ -9,8 +9,11 @@ Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN (an
 symmetric folded with its ReLUs kept plain instead of joined to their quantizers), and W4A4
 with learned step sizes (LSQ, `QuantConfig(learn_scale=True)`, folded BN); torch.ao
 eager QAT (fused ConvBnReLU2d, default fbgemm QAT qconfig) where torch still ships it.
-The variants are timed round-robin (one step of each per round) so that load on this
-shared machine hits them alike, and the median step per variant is reported.
+Each variant is timed in fresh processes of its own, as a user runs one model per process
+(two models in one process share an allocator and distort each other's step); the
+processes alternate between the variants (``--passes`` of each) so that load on this
+shared machine hits them alike, and the median step over all of a variant's timed steps
+is reported.
 
 Memory: each variant also runs alone in a fresh process (a few steps), whose peak resident
 memory above its state before the first step is reported as a ratio to FP32's (two
@@ -108,8 +111,11 @@ REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
+    parser.add_argument(
+        "--passes", type=int, default=3, help="fresh processes per variant, alternated"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument(
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
     parser.add_argument("--memory-only", action="store_true", help="the memory table alone")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
+    parser.add_argument("--time-of", help=argparse.SUPPRESS)  # one variant's timing run
     parser.add_argument(
         "--malloc",
         choices=["both", "system", "reuse", "current"],
@@ -129,9 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.peak_of:
         print(peak_memory(args))
         return
+    if args.time_of:
+        print(" ".join(f"{seconds:.6f}" for seconds in step_times(args)))
+        return
     if args.malloc == "current":
         if not args.memory_only:
-            measure(args)
+            measure(args, argv if argv is not None else sys.argv[1:])
         memory_table(args, argv if argv is not None else sys.argv[1:])
         return
     settings = ["system", "reuse"] if args.malloc == "both" else [args.malloc]
@@ -225,33 +235,53 @@ def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
             print(f"| {name} | {peak / 2**20:.0f} | {peak / peaks['FP32']:.2f}x |")
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
+def step_times(args: argparse.Namespace) -> list[float]:
+    """Seconds of each timed step of one variant (``--time-of``), in this process alone;
+    empty where torch does not ship the variant."""
     widths, batch_size = _sizes(args)
-
     torch.manual_seed(0)
-    steps = {}
-    for name, build in _variants(args, widths).items():
-        model = build()
-        if model is None:
-            print(f"{name}: not shipped by torch {torch.__version__}, skipped")
-            continue
-        steps[name] = make_step(model, batch_size, args.compile)
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    model = _variants(args, widths)[args.time_of]()
+    if model is None:
+        return []
+    step = make_step(model, batch_size, args.compile)
+    for _ in range(args.warmup):
+        step()
+    times = []
     for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
+    """The table of median steps: ``--passes`` fresh processes per variant, each timing
+    ``--rounds`` steps after ``--warmup``, the variants alternating process by process."""
+    widths, batch_size = _sizes(args)
+    rest = _without_malloc(argv)
+    names = list(_variants(args, widths))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for process in range(args.passes):
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, *rest, "--malloc", "current", "--time-of", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            times[name] += [float(seconds) for seconds in out.split()]
+            print(f"  [{process + 1}/{args.passes}] {name}", file=sys.stderr, flush=True)
+    skipped = [name for name, t in times.items() if not t]
+    for name in skipped:
+        print(f"{name}: not shipped by torch {torch.__version__}, skipped")
+        del times[name]
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"NIN training step{' (torch.compile)' if args.compile else ''}, batch {batch_size}, "
         "channels_last, SGD, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"median of {args.rounds} rounds"
+        f"median of {args.rounds} steps in each of {args.passes} fresh processes per variant"
     )
     print("| variant | step (ms) | ratio to FP32 |")
     print("|---|---:|---:|")

@@ -19,7 +19,7 @@ def run_bench(script: str, *args: str) -> str:
 
 
 def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
-    out = run_bench("qat_overhead.py", "--malloc", "current")
+    out = run_bench("qat_overhead.py", "--passes", "1", "--malloc", "current")
     for variant in (
         "FP32",
         "ours sym folded",
@@ -35,7 +35,9 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
 
 
 def test_qat_overhead_bench_runs_the_chosen_variants_beside_fp32():
-    out = run_bench("qat_overhead.py", "--malloc", "current", "--variants", "ours LSQ W4A4")
+    out = run_bench(
+        "qat_overhead.py", "--passes", "1", "--malloc", "current", "--variants", "ours LSQ W4A4"
+    )
     assert "| FP32 |" in out and "| ours LSQ W4A4 |" in out, out
     assert "| ours sym folded |" not in out, out
     bad = subprocess.run(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qat.quant.compiled_kernels import fake_quantize_compiled, masked_gradient
 from lightning_qat.quant.config import QuantConfig
 from lightning_qat.quant.observer import MinMaxObserver, MovingAverageMinMaxObserver
 from lightning_qat.quant.qparams import compute_qparams, quant_range
@@ -35,7 +36,11 @@ _register_fake_kernels()
 
 
 def fake_quantize_elementwise(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int | torch.Tensor,
+    quant_max: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor fake quantization and its in-range mask, in pointwise torch ops.
 
@@ -54,7 +59,7 @@ def fake_quantize_elementwise(
     q = torch.round(x * inverse_scale) + zero_point.float()
     mask = (q >= quant_min) & (q <= quant_max)
     # ±inf clamp to the grid's ends as in fmin/fmax; only a NaN needs replacing
-    clamped = torch.where(q == q, q, float(quant_min)).clamp(quant_min, quant_max)
+    clamped = torch.where(q == q, q, quant_min).clamp(quant_min, quant_max)
     return (clamped - zero_point.float()) * scale, mask
 
 
@@ -85,22 +90,28 @@ def mask_for_backward(mask: torch.Tensor) -> torch.Tensor:
 
 
 def where_in_range(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` where ``mask`` (from `mask_for_backward`) is set, else 0.
+    """``grad`` where ``mask`` (bool, or uint8 from `mask_for_backward` or
+    `fake_quantize_compiled`) is set, else 0.
 
-    A uint8 mask multiplies: any comparison that turns it back into bool is moved by the
-    partitioner into the forward graph, which then stores the bool mask again. The
-    product equals the selection except for the sign of a zero (``-g * 0 = -0.0``) and a
-    non-finite ``g`` (whose step the non-finite guard skips anyway)."""
+    In eager mode a uint8 mask goes through the compiled `masked_gradient` (bit for bit
+    the selection). Under torch.compile it multiplies: any comparison that turns it back
+    into bool is moved by the partitioner into the forward graph, which then stores the
+    bool mask again. The product equals the selection except for the sign of a zero
+    (``-g * 0 = -0.0``) and a non-finite ``g`` (whose step the non-finite guard skips anyway)."""
     if mask.dtype == torch.bool:
         return torch.where(mask, grad, 0.0)
+    if not torch.compiler.is_compiling():  # the mask of the compiled eager pass
+        return masked_gradient(grad, mask)
     return grad * mask
 
 
 class _PerTensorFakeQuant(torch.autograd.Function):
     """Per-tensor fake quantization whose backward is one masked select.
 
-    Forward is torch's fused kernel (the one behind ``torch.fake_quantize_per_tensor_affine``
-    with tensor qparams), which also returns the in-range mask. torch's own backward casts
+    Forward is, in eager mode on the CPU, `fake_quantize_compiled` (one vectorized pass,
+    uint8 mask, the ReLU's ``x > 0`` folded in); elsewhere torch's fused kernel (the one
+    behind ``torch.fake_quantize_per_tensor_affine`` with tensor qparams), which also
+    returns the in-range mask; bit for bit the same output and gradient. torch's own backward casts
     the bool mask to float and multiplies (two full-size passes and two allocations per
     activation); ``torch.where(mask, grad, 0)`` is one. ``bench/qat_overhead.py`` measures
     the training step.
@@ -111,6 +122,11 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu):  # type: ignore[override]
+        compiled = fake_quantize_compiled(x, scale, zero_point, quant_min, quant_max, after_relu)
+        if compiled is not None:  # eager on the CPU: one vectorized pass, uint8 mask
+            out, mask = compiled
+            ctx.save_for_backward(mask)
+            return out
         out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max)
         if after_relu:  # (a NaN is out of range: its mask is already False)
             mask &= x > 0
