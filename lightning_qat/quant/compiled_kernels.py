@@ -38,32 +38,30 @@ def compiled_kernels_enabled() -> bool:
     return os.environ.get(_ENV, "1") != "0" and not _state["failed"]
 
 
-def _forward(
+def _quantize_with_mask(
     x: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor,
     quant_min: torch.Tensor,
     quant_max: torch.Tensor,
+    after_relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from lightning_qat.quant.fake_quantize import fake_quantize_elementwise
 
     out, mask = fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
+    if after_relu:
+        mask = mask & (x > 0)
     return out, torch.where(mask, 1, 0).to(torch.uint8)
 
 
-def _forward_after_relu(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    quant_min: torch.Tensor,
-    quant_max: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # a function of its own: torch.compile keeps one cache (and one recompile limit) per
-    # function, so each variant gets its own
-    from lightning_qat.quant.fake_quantize import fake_quantize_elementwise
+# One function per variant: torch.compile keeps one cache (and one recompile limit) per
+# function, so the two never evict each other.
+def _forward(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_with_mask(*args, after_relu=False)
 
-    out, mask = fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
-    return out, torch.where(mask & (x > 0), 1, 0).to(torch.uint8)
+
+def _forward_after_relu(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_with_mask(*args, after_relu=True)
 
 
 def _backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
