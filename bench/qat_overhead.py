@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         print(peak_memory(args))
         return
     if args.time_of:
-        print(" ".join(f"{seconds:.6f}" for seconds in step_times(args)))
+        for row in step_times(args):  # wall seconds, kernel seconds, MB faulted in
+            print(" ".join(f"{value:.6f}" for value in row))
         return
     if args.malloc == "current":
         if not args.memory_only:
@@ -235,23 +237,30 @@ def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
             print(f"| {name} | {peak / 2**20:.0f} | {peak / peaks['FP32']:.2f}x |")
 
 
-def step_times(args: argparse.Namespace) -> list[float]:
-    """Seconds of each timed step of one variant (``--time-of``), in this process alone;
-    empty where torch does not ship the variant."""
+def step_times(args: argparse.Namespace) -> tuple[list[float], list[float], list[float]]:
+    """Of each timed step of one variant (``--time-of``), in this process alone: the wall
+    seconds, the seconds spent in the kernel (page faults, mostly: zero-filling the pages
+    of freshly mapped tensors) and the MB of pages faulted in; empty where torch does not
+    ship the variant."""
     widths, batch_size = _sizes(args)
     torch.manual_seed(0)
     model = _variants(args, widths)[args.time_of]()
     if model is None:
-        return []
+        return [], [], []
     step = make_step(model, batch_size, args.compile)
     for _ in range(args.warmup):
         step()
-    times = []
+    times, kernel, faulted = [], [], []
+    page_mb = resource.getpagesize() / 2**20
     for _ in range(args.rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return times
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        kernel.append(after.ru_stime - before.ru_stime)
+        faulted.append((after.ru_minflt - before.ru_minflt) * page_mb)
+    return times, kernel, faulted
 
 
 def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
@@ -261,6 +270,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
     rest = _without_malloc(argv)
     names = list(_variants(args, widths))
     times: dict[str, list[float]] = {name: [] for name in names}
+    kernel: dict[str, list[float]] = {name: [] for name in names}
+    faulted: dict[str, list[float]] = {name: [] for name in names}
     for process in range(args.passes):
         for name in names:
             out = subprocess.run(
@@ -269,7 +280,11 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
                 text=True,
                 check=True,
             ).stdout
-            times[name] += [float(seconds) for seconds in out.split()]
+            rows = [[float(value) for value in line.split()] for line in out.splitlines()[-3:]]
+            if len(rows) == 3:
+                times[name] += rows[0]
+                kernel[name] += rows[1]
+                faulted[name] += rows[2]
             print(f"  [{process + 1}/{args.passes}] {name}", file=sys.stderr, flush=True)
     skipped = [name for name, t in times.items() if not t]
     for name in skipped:
@@ -283,10 +298,24 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"median of {args.rounds} steps in each of {args.passes} fresh processes per variant"
     )
-    print("| variant | step (ms) | ratio to FP32 |")
-    print("|---|---:|---:|")
+    # The kernel's share tells page-fault cost from arithmetic: on a shared virtual machine
+    # the same pages can cost twice as much from one process to the next.
+    print(
+        "| variant | step (ms) | ratio to FP32 | in the kernel (ms, min-max of processes) "
+        "| pages faulted in (MB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name, seconds in median.items():
-        print(f"| {name} | {seconds * 1e3:.0f} | {seconds / median['FP32']:.2f}x |")
+        per_process = [
+            statistics.median(kernel[name][i : i + args.rounds])
+            for i in range(0, len(kernel[name]), args.rounds)
+        ]
+        print(
+            f"| {name} | {seconds * 1e3:.0f} | {seconds / median['FP32']:.2f}x "
+            f"| {statistics.median(kernel[name]) * 1e3:.0f} "
+            f"({min(per_process) * 1e3:.0f}-{max(per_process) * 1e3:.0f}) "
+            f"| {statistics.median(faulted[name]):.0f} |"
+        )
     return {name: seconds / median["FP32"] for name, seconds in median.items()}
 
 

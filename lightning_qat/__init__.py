@@ -3,6 +3,7 @@
 The public API; everything a user imports comes from here.
 """
 
+from lightning_qat.allocator import keep_freed_memory
 from lightning_qat.calibrate import calibrate
 from lightning_qat.callback import QuantizationAwareTraining
 from lightning_qat.checkpoint import load_qat_checkpoint, restore_qat_checkpoint
@@ -60,6 +61,7 @@ __all__ = [
     "calibrate",
     "compute_qparams",
     "find_conv_bn_pairs",
+    "keep_freed_memory",
     "load_qat_checkpoint",
     "plan_qat",
     "prepare_qat",

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from lightning_qat import allocator
 from lightning_qat.calibrate import METHODS as CALIBRATION_METHODS
 from lightning_qat.calibrate import batch_input, calibrate
 from lightning_qat.dashboard import layer_metric, log_table
@@ -150,6 +151,15 @@ class QuantizationAwareTraining(L.Callback):
             ``"kl"``, ``"percentile"``, ...; weight ranges too with ``"mse"``), after
             which the observers run on (with ``QuantConfig(learn_scale=True)``: the
             learned step sizes start from these ranges).
+        keep_freed_memory: when ``fit`` sets up on the CPU, tell glibc's malloc to keep
+            freed memory for reuse (`lightning_qat.allocator.keep_freed_memory`):
+            by default every tensor above 32 MB is a fresh mmap zero-filled on first
+            touch, every step, and QAT keeps more large tensors than FP32 (README
+            "Training-step overhead" times both settings). Process-wide and kept for the
+            process's life; it trades resident memory for time (glibc keeps what it
+            freed). ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` set by you win;
+            False leaves the allocator alone. Not applied on accelerators (their
+            memory has its own caching allocator).
     """
 
     def __init__(
@@ -168,6 +178,7 @@ class QuantizationAwareTraining(L.Callback):
         export_on_fit_end: str | os.PathLike | None = None,
         export_integer: bool = False,
         calibration_method: str | None = None,
+        keep_freed_memory: bool = True,
     ):
         self.config = _quant_config(config)
         _check_count("start_epoch", start_epoch, allow_none=False)
@@ -198,6 +209,7 @@ class QuantizationAwareTraining(L.Callback):
             ("verbose", verbose),
             ("freeze_weight_ranges", freeze_weight_ranges),
             ("export_integer", export_integer),
+            ("keep_freed_memory", keep_freed_memory),
         ):
             _check_flag(flag, value)
         schedule = [
@@ -255,6 +267,7 @@ class QuantizationAwareTraining(L.Callback):
         self.log_layer_stats = log_layer_stats
         self.verbose = verbose
         self.freeze_weight_ranges = freeze_weight_ranges
+        self.keep_freed_memory = keep_freed_memory
         self.phase = "float"
         self._plan: ConversionPlan | None = None
         self._hook_handle: Any = None
@@ -291,6 +304,8 @@ class QuantizationAwareTraining(L.Callback):
     # ---------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer  # for the load hook: its pruning callbacks (see _convert)
+        if stage == "fit" and self.keep_freed_memory:
+            self._keep_freed_memory(trainer)
         if not _is_converted(pl_module):
             # Fails now, with the reason, rather than epochs into training.
             self._plan = plan_qat(pl_module, self.config, fuse_pairs=self.fuse_pairs)
@@ -311,6 +326,17 @@ class QuantizationAwareTraining(L.Callback):
         if self._hook_handle is None:
             self._hook_handle = pl_module.register_load_state_dict_pre_hook(
                 self._convert_before_loading
+            )
+
+    @staticmethod
+    def _keep_freed_memory(trainer: L.Trainer) -> None:
+        if trainer.strategy.root_device.type != "cpu":
+            return
+        if allocator.keep_freed_memory():
+            rank_zero_info(
+                "QuantizationAwareTraining: glibc malloc keeps freed memory for reuse in this "
+                "process (fewer fresh zero-filled pages per step; keep_freed_memory=False "
+                "turns this off)"
             )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

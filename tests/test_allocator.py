@@ -1,4 +1,5 @@
-"""The app's allocator setting: applied on glibc, the user's environment variables win."""
+"""The allocator setting: applied on glibc by the app and by the callback's ``fit`` on the
+CPU, the user's environment variables win; the old import path keeps working."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ def test_the_users_environment_wins(monkeypatch):
 PROBE = """
 import ctypes
 import torch
-from lightning_qat.app.allocator import keep_freed_memory
+from lightning_qat import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc >= 2.33
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -50,3 +51,37 @@ def test_large_blocks_stop_being_mmapped():
     next step maps and zero-fills it again); after the call it comes from the heap."""
     assert _mmapped_bytes(apply=False) >= 64 * 2**20
     assert _mmapped_bytes(apply=True) == 0
+
+
+def test_the_old_import_path_is_the_same_function():
+    import lightning_qat
+
+    assert allocator.keep_freed_memory is lightning_qat.keep_freed_memory
+
+
+FIT = """
+import sys
+import lightning as L
+sys.path.insert(0, TESTS)
+from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
+from lightning_qat import QuantizationAwareTraining
+
+callback = QuantizationAwareTraining(verbose=False, keep_freed_memory=KEEP)
+L.Trainer(callbacks=[callback], **trainer_kwargs(TMP, max_epochs=1, limit_train_batches=2,
+          limit_val_batches=0)).fit(DigitsClassifier(), DigitsData())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("keep", [True, False])
+def test_fit_with_the_callback_applies_it_unless_told_not_to(tmp_path, keep):
+    """Plain-Python Lightning users get the setting from the callback without asking (the
+    QAT step's ratio to FP32 under glibc's default rests on it), and can refuse it."""
+    fit = FIT.replace("TESTS", repr(os.path.dirname(__file__))).replace("TMP", repr(str(tmp_path)))
+    code = PROBE.replace("if APPLY:", fit.replace("KEEP", str(keep)) + "\nif False:")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    mmapped = int(out.split()[-1])
+    assert mmapped == 0 if keep else mmapped >= 64 * 2**20

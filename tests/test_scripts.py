@@ -32,6 +32,10 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     ):
         assert f"| {variant} |" in out, out
     assert "| FP32 | " in out and "| 1.00x |" in out
+    # each row says how much of the step the kernel took and how many pages it faulted in
+    fp32_row = next(line for line in out.splitlines() if line.startswith("| FP32 |"))
+    kernel_ms, faulted_mb = fp32_row.strip("| ").split(" | ")[3:5]
+    assert kernel_ms.split()[0].isdigit() and float(faulted_mb) >= 0, fp32_row
 
 
 def test_qat_overhead_bench_runs_the_chosen_variants_beside_fp32():
