@@ -64,18 +64,41 @@ def fake_quantize_elementwise(
 
 
 def fake_quantize_with_mask(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    after_relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor fake quantization and its in-range mask: torch's fused one-pass kernel
-    in eager mode, `fake_quantize_elementwise` (the same bits) under torch.compile."""
+    """Per-tensor fake quantization and its in-range mask (ANDed with ``x > 0`` when
+    ``after_relu``: the input is a ReLU's output whose gradient mask this one applies),
+    the same bits on every path:
+
+    - under torch.compile, `fake_quantize_elementwise` (inductor fuses it into the loops
+      around it);
+    - in eager mode on the CPU (float32), `fake_quantize_compiled`: one compiled pass,
+      the mask as uint8;
+    - elsewhere torch's fused one-pass kernel, the mask as bool.
+
+    Keep the mask for the backward pass with `mask_for_backward`; `where_in_range` applies
+    either dtype.
+    """
     if torch.compiler.is_compiling():
-        return fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
-    # The "fake quant enabled" flag as the public op passes it: int64, on x's device (the
-    # CUDA kernel reads it on the device).
-    enabled = torch.ones(1, dtype=torch.long, device=x.device)
-    return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-        x, scale, zero_point, enabled, quant_min, quant_max
-    )
+        out, mask = fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
+    else:
+        compiled = fake_quantize_compiled(x, scale, zero_point, quant_min, quant_max, after_relu)
+        if compiled is not None:
+            return compiled
+        # The "fake quant enabled" flag as the public op passes it: int64, on x's device
+        # (the CUDA kernel reads it on the device).
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
+        out, mask = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale, zero_point, enabled, quant_min, quant_max
+        )
+    if after_relu:  # (a NaN is out of range: its mask is already False)
+        mask &= x > 0
+    return out, mask
 
 
 def mask_for_backward(mask: torch.Tensor) -> torch.Tensor:
@@ -108,13 +131,13 @@ def where_in_range(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class _PerTensorFakeQuant(torch.autograd.Function):
     """Per-tensor fake quantization whose backward is one masked select.
 
-    Forward is, in eager mode on the CPU, `fake_quantize_compiled` (one vectorized pass,
-    uint8 mask, the ReLU's ``x > 0`` folded in); elsewhere torch's fused kernel (the one
-    behind ``torch.fake_quantize_per_tensor_affine`` with tensor qparams), which also
-    returns the in-range mask; bit for bit the same output and gradient. torch's own backward casts
-    the bool mask to float and multiplies (two full-size passes and two allocations per
-    activation); ``torch.where(mask, grad, 0)`` is one. ``bench/qat_overhead.py`` measures
-    the training step.
+    Forward is `fake_quantize_with_mask`: in eager mode on the CPU one compiled
+    vectorized pass (uint8 mask, the ReLU's ``x > 0`` folded in), elsewhere torch's fused
+    kernel (the one behind ``torch.fake_quantize_per_tensor_affine`` with tensor qparams),
+    which also returns the in-range mask; bit for bit the same output and gradient.
+    torch's own backward casts the bool mask to float and multiplies (two full-size passes
+    and two allocations per activation); ``torch.where(mask, grad, 0)`` is one.
+    ``bench/qat_overhead.py`` measures the training step.
 
     With ``after_relu`` (the input is a `ReLUBeforeQuantizer`'s output, whose own
     backward passes the gradient through), the mask also holds the ReLU's ``x > 0``.
@@ -122,14 +145,7 @@ class _PerTensorFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu):  # type: ignore[override]
-        compiled = fake_quantize_compiled(x, scale, zero_point, quant_min, quant_max, after_relu)
-        if compiled is not None:  # eager on the CPU: one vectorized pass, uint8 mask
-            out, mask = compiled
-            ctx.save_for_backward(mask)
-            return out
-        out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max)
-        if after_relu:  # (a NaN is out of range: its mask is already False)
-            mask &= x > 0
+        out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max, after_relu)
         ctx.save_for_backward(mask_for_backward(mask))
         return out
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_qat.quant.compiled_kernels import fake_quantize_compiled
 from lightning_qat.quant.fake_quantize import (
     FakeQuantize,
     fake_quantize_with_mask,
@@ -30,8 +29,8 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     """``x_hat = s (clamp(round(x/s) + z, qmin, qmax) - z)`` with LSQ's gradients for
     ``s`` and ``z`` (see `LearnedScaleFakeQuantize`).
 
-    The forward pass is the one `FakeQuantize` uses (`fake_quantize_compiled` in eager
-    mode on the CPU, `fake_quantize_with_mask` elsewhere), so
+    The forward pass is the one `FakeQuantize` uses (`fake_quantize_with_mask` per
+    tensor), so
     the codes are bit for bit those of the observer-based quantizer on the same grid.
     The backward pass is written out rather than taken from torch's
     ``_fake_quantize_learnable_*`` kernels, whose backward (torch 2.14) turns a negative
@@ -44,12 +43,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, learned_zero_point, zero_point, axis, quant_min, quant_max, g):  # type: ignore[override]
-        compiled = None
-        if axis is None:  # eager on the CPU: one compiled pass, uint8 mask
-            compiled = fake_quantize_compiled(x, scale.detach(), zero_point, quant_min, quant_max)
-        if compiled is not None:
-            out, mask = compiled
-        elif axis is None:
+        if axis is None:
             out, mask = fake_quantize_with_mask(x, scale.detach(), zero_point, quant_min, quant_max)
         else:
             out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
