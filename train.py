@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lightning_qat.app.allocator import keep_freed_memory
+from lightning_qat import keep_freed_memory
 from lightning_qat.app.experiment import register_recipes, run
 from lightning_qat.app.run_folder import register_resolvers
 
@@ -19,7 +19,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     if cfg.keep_freed_memory:
-        keep_freed_memory()  # glibc reuses freed pages: see lightning_qat/app/allocator.py
+        keep_freed_memory()  # glibc reuses freed pages: see lightning_qat/allocator.py
     return run(cfg)["test_acc"]
 
 
