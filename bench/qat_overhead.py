@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per process")
-    # Four: a QAT process needs three to four steps before its steps settle (the first
+    # Four: a QAT process needs two to four steps before its steps settle (the first
     # compiles the CPU fake-quant pass; with glibc reusing memory, the heap grows over the
     # next ones), FP32 one to two.
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per process")

@@ -7,9 +7,9 @@ for each large tensor, a cost that grows with the number of tensors, not the ari
 and QAT has more of them (fake-quantized copies, masks). ``M_MMAP_MAX = 0`` and a huge
 ``M_TRIM_THRESHOLD`` keep the heap's pages instead (the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do the same; ``bench/qat_overhead.py``
-times both settings). The price is resident memory: glibc keeps what it freed (NIN's
-FP32 step peaks at 1139 MB above the model instead of 830 MB, README "Training-step
-overhead"). The setting is process-wide and stays for the process's life.
+times both settings). The price is resident memory: glibc keeps what it freed, so peaks
+are larger (the bench's peak-memory tables, README "Training-step overhead"). The setting
+is process-wide and stays for the process's life.
 """
 
 from __future__ import annotations
