@@ -126,3 +126,37 @@ def test_the_output_can_be_updated_in_place_as_a_residual_add_does():
     out += 1.0
     out.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{layout}" for s, layout in CASES])
+def test_in_place_pass_writes_the_kernels_result_over_its_input(shape, layout, grid):
+    """``in_place`` (a ReLU's output): the same bits, written over a dense input and
+    returned as that very tensor; a tensor with gaps is quantized into a new one."""
+    qmin, qmax, zp = grid
+    x = _input(shape, "contiguous") * (1.0 / 0.37)  # ties of the 0.37 grid
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "gaps":
+        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]
+    scale, zero_point = torch.tensor(0.37), torch.tensor(zp, dtype=torch.int32)
+    ref_out, ref_mask = _reference(x, scale, zero_point, qmin, qmax, True)
+    version, original = x._version, x.clone()
+    result = fake_quantize_compiled(x, scale, zero_point, qmin, qmax, True, in_place=True)
+    assert result is not None, "the compiled pass was not used"
+    out, mask = result
+    assert torch.equal(out.nan_to_num(nan=1e9), ref_out.nan_to_num(nan=1e9))
+    assert torch.equal(mask.bool(), ref_mask)
+    if layout == "gaps":
+        assert out is not x and torch.equal(x.nan_to_num(nan=1e9), original.nan_to_num(nan=1e9))
+    else:
+        assert out is x and x._version > version  # autograd sees the write
+        assert mask.stride() == x.stride()
+
+
+def test_in_place_needs_the_relu_mask():
+    """Without ``after_relu`` the caller has not said that it owns the input: not in place."""
+    x = torch.randn(4, 8)
+    scale, zero_point = torch.tensor(0.05), torch.tensor(0, dtype=torch.int32)
+    out, _ = fake_quantize_compiled(x, scale, zero_point, -127, 127, False, in_place=True)
+    assert out is not x

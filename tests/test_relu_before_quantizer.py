@@ -188,3 +188,45 @@ def test_convert_refuses_what_it_cannot_join():
     learned = FakeQuantize.for_activations(QuantConfig(learn_scale=True))
     with pytest.raises(TypeError, match="per-tensor FakeQuantize"):
         ReLUBeforeQuantizer.convert(nn.ReLU(), learned)
+
+
+def test_the_quantizer_writes_over_the_relu_output_it_alone_reads():
+    """In a training step each joined ReLU's output is overwritten by its quantized value
+    (one activation-sized allocation less each); plain ReLUs' outputs are not."""
+    from lightning_qat.quant import fake_quantize as fake_quantize_module
+
+    calls = []
+    original = fake_quantize_module.fake_quantize_compiled
+
+    def recording(x, *args):
+        result = original(x, *args)
+        calls.append(result is not None and result[0] is x)
+        return result
+
+    torch.manual_seed(0)
+    base = NIN(widths=SMALL_NIN)
+    x = torch.randn(4, 3, 16, 16)
+    with mock.patch.object(fake_quantize_module, "fake_quantize_compiled", recording):
+        ours = prepare_qat(copy.deepcopy(base), QuantConfig())
+        ours(x).sum().backward()
+        assert calls.count(True) == len(joined(ours)) == 6
+        calls.clear()
+        prepare_without_joining(copy.deepcopy(base), QuantConfig())(x).sum().backward()
+        assert calls and not any(calls)
+
+
+def test_a_relu_output_kept_elsewhere_is_not_overwritten_silently():
+    """Were a joined ReLU's output also saved by another op (a hook's doing, say), writing
+    over it would corrupt that op's gradient: autograd's version check refuses instead."""
+    from lightning_qat.nn.relu import _ReLUMaskDeferred
+    from lightning_qat.quant import FakeQuantize
+
+    quantizer = FakeQuantize.for_activations(QuantConfig(symmetric=False))
+    quantizer.input_after_relu = True
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    y = _ReLUMaskDeferred.apply(x * 1.0, False)
+    weight = torch.randn(2, 4, 8, 8, requires_grad=True)
+    other_reader = (y * weight).sum()  # saves y for weight's gradient
+    out = quantizer(y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + other_reader).backward()

@@ -11,7 +11,10 @@ from lightning_qat.quant import FakeQuantize
 class _ReLUMaskDeferred(torch.autograd.Function):
     """``max(x, 0)`` forward; the backward passes the gradient through unmasked and saves
     nothing: the one reader of the output (a quantizer with ``input_after_relu``) masks
-    it by ``y > 0`` together with its own straight-through mask."""
+    it by ``y > 0`` together with its own straight-through mask. Its output is read by
+    that quantizer alone, which may therefore write its result over it."""
+
+    hands_output_to_quantizer = True
 
     @staticmethod
     def forward(ctx, x, inplace):  # type: ignore[override]
@@ -36,7 +39,12 @@ class ReLUBeforeQuantizer(nn.ReLU):
     (``input_after_relu``) saves ``1[y > 0] · 1[in range]``: the same gradient, bit for
     bit, one float activation less per ReLU held until the backward (a NIN training
     step's peak memory: 1.54x FP32's -> 1.27x, ``bench/qat_overhead.py``), and one
-    full-size backward pass less.
+    full-size backward pass less. Since nothing else reads the ReLU's output, the
+    quantizer's compiled CPU pass writes its result over it (one activation-sized
+    allocation less per ReLU; under glibc's default allocator each one is a fresh mmap
+    that the kernel zero-fills, every step). Were the output kept by anything else for
+    its backward, autograd's version check would refuse the step rather than let it be
+    overwritten unseen.
 
     `prepare_qat` turns an ``nn.ReLU`` into this class (in place, as
     ``torch.nn.utils.parametrize`` does: hooks, children and state stay) where the

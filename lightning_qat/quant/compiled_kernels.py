@@ -64,6 +64,13 @@ def _forward_after_relu(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _quantize_with_mask(*args, after_relu=True)
 
 
+def _forward_after_relu_in_place(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    # inductor writes x_hat into x's memory in the same loop that reads x (one pass)
+    out, mask = _quantize_with_mask(x, *args, after_relu=True)
+    x.copy_(out)
+    return mask
+
+
 def _backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # through float: inductor vectorizes a uint8 -> float compare, not a uint8 one
     return torch.where(mask.to(grad.dtype) != 0, grad, 0.0)
@@ -134,20 +141,35 @@ def fake_quantize_compiled(
     quant_min: int,
     quant_max: int,
     after_relu: bool = False,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(x_hat, mask)``: `fake_quantize_elementwise` of a float32 CPU tensor in one
     compiled pass, the mask (ANDed with ``x > 0`` when ``after_relu``) as uint8, both in
     ``x``'s layout; None where the compiled pass is not available (then use torch's
-    kernel)."""
+    kernel).
+
+    With ``in_place`` and ``after_relu`` (the caller owns ``x``: a ReLU's output read by
+    nothing else), ``x_hat`` is written over a dense ``x`` and returned as ``x`` itself:
+    one activation-sized allocation less per quantized ReLU, which under glibc's default
+    allocator is a fresh mmap whose pages the kernel zero-fills every step."""
     if not _usable(x) or x.dim() == 0 or x.numel() == 0:
         return None
-    if not x.permute(memory_order(x)).is_contiguous():
-        x = x.contiguous()  # a tensor with gaps: quantize a dense copy
-    fn = _forward_after_relu if after_relu else _forward
+    dense = x.permute(memory_order(x)).is_contiguous()
     # the grid's ends as tensors: one compilation for every bit width
     bounds = torch.tensor([quant_min, quant_max], dtype=torch.float32).unbind()
-    flat = _flat_alias(x)
-    result = _run(fn.__name__, fn, flat, scale.detach(), zero_point.detach(), *bounds)
+    qparams = (scale.detach(), zero_point.detach(), *bounds)
+    if in_place and after_relu and dense:
+        fn = _forward_after_relu_in_place
+        mask = _run(fn.__name__, fn, _flat_alias(x), *qparams)
+        if mask is None:
+            return None
+        # written through an alias: tell autograd, so that a saved copy of x fails loudly
+        torch.autograd.graph.increment_version(x)
+        return x, _in_layout_of(mask, x)  # type: ignore[arg-type]
+    if not dense:
+        x = x.contiguous()  # a tensor with gaps: quantize a dense copy
+    fn = _forward_after_relu if after_relu else _forward
+    result = _run(fn.__name__, fn, _flat_alias(x), *qparams)
     if result is None:
         return None
     out, mask = result  # type: ignore[misc]

@@ -70,6 +70,7 @@ def fake_quantize_with_mask(
     quant_min: int,
     quant_max: int,
     after_relu: bool = False,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor fake quantization and its in-range mask (ANDed with ``x > 0`` when
     ``after_relu``: the input is a ReLU's output whose gradient mask this one applies),
@@ -82,12 +83,15 @@ def fake_quantize_with_mask(
     - elsewhere torch's fused one-pass kernel, the mask as bool.
 
     Keep the mask for the backward pass with `mask_for_backward`; `where_in_range` applies
-    either dtype.
+    either dtype. ``in_place`` lets the compiled pass write the result over ``x`` (a
+    ReLU's output that nothing else reads): where it does, the output is ``x`` itself.
     """
     if torch.compiler.is_compiling():
         out, mask = fake_quantize_elementwise(x, scale, zero_point, quant_min, quant_max)
     else:
-        compiled = fake_quantize_compiled(x, scale, zero_point, quant_min, quant_max, after_relu)
+        compiled = fake_quantize_compiled(
+            x, scale, zero_point, quant_min, quant_max, after_relu, in_place
+        )
         if compiled is not None:
             return compiled
         # The "fake quant enabled" flag as the public op passes it: int64, on x's device
@@ -144,15 +148,29 @@ class _PerTensorFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu):  # type: ignore[override]
-        out, mask = fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max, after_relu)
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, after_relu, in_place=False):  # type: ignore[override]
+        out, mask = fake_quantize_with_mask(
+            x, scale, zero_point, quant_min, quant_max, after_relu, in_place
+        )
+        if out is x:
+            ctx.mark_dirty(x)
         ctx.save_for_backward(mask_for_backward(mask))
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return where_in_range(mask, grad), None, None, None, None, None
+        return where_in_range(mask, grad), None, None, None, None, None, None
+
+
+def reads_deferred_relu_output(x: torch.Tensor) -> bool:
+    """Whether ``x`` came straight from an autograd Function that marks its output as
+    owned by the quantizer reading it (``hands_output_to_quantizer``: the deferred-mask
+    ReLU of `lightning_qat.nn.ReLUBeforeQuantizer`, whose one reader `prepare_qat`
+    checked in the traced graph, and which saves nothing for its backward). Such an
+    input may be overwritten by its fake-quantized value."""
+    forward_class = getattr(x.grad_fn, "_forward_cls", None)
+    return getattr(forward_class, "hands_output_to_quantizer", False)
 
 
 class FakeQuantize(nn.Module):
@@ -298,8 +316,21 @@ class FakeQuantize(nn.Module):
                 x32, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max
             )
         elif torch.is_grad_enabled() and x32.requires_grad:
+            # over the ReLU's output when nothing else reads it (one allocation less;
+            # a compiled graph plans its own memory)
+            in_place = (
+                self.input_after_relu
+                and not torch.compiler.is_compiling()
+                and reads_deferred_relu_output(x32)
+            )
             out = _PerTensorFakeQuant.apply(
-                x32, scale, zero_point, self.quant_min, self.quant_max, self.input_after_relu
+                x32,
+                scale,
+                zero_point,
+                self.quant_min,
+                self.quant_max,
+                self.input_after_relu,
+                in_place,
             )
         else:  # inference: no mask to keep, and a plain aten op for tracing and export
             out = torch.fake_quantize_per_tensor_affine(
