@@ -12,13 +12,19 @@
 # ROWs (default: all, most telling first): none, w4a4_lsq, ptq_w4a4 ...; a row ending in
 # _kd distils from the FP32 checkpoint (module.distillation_weight=0.5, temperature 1:
 # labels and teacher weighted equally); a row whose results.json exists is skipped, so a stopped run resumes by
-# running it again.
+# running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
+# ROW_seedN (the FP32 checkpoint stays the one of the default seed); the report groups
+# the repeats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/resnet20_budget}
 shift || true
 python=${PYTHON:-.venv/bin/python}
 quiet=(callbacks.progress_bar=null trainer.enable_model_summary=false data.num_workers=0)
+suffix=""
+if [ -n "${SEED:-}" ]; then
+  suffix="_seed$SEED"
+fi
 if [ ! -f "$out/fp32/results.json" ]; then
   "$python" train.py recipe=resnet20_fp32_cpu hydra.run.dir="$out/fp32" "${quiet[@]}"
 fi
@@ -30,18 +36,18 @@ if [ ${#rows[@]} -eq 0 ]; then
         w3a3_lsq w3a3 ptq_w3a3 w4a8_lsq w4a8 ptq_w4a8 w8a8_lsq w8a8 ptq_w8a8)
 fi
 for row in "${rows[@]}"; do
-  dir="$out/lowbit/$row"
+  dir="$out/lowbit/$row$suffix"
   [ -f "$dir/results.json" ] && continue
   if [[ $row == ptq_* ]]; then
     "$python" train.py recipe=resnet20_lowbit_ptq_cpu init_checkpoint="$checkpoint" \
-      quant="${row#ptq_}" hydra.run.dir="$dir" "${quiet[@]}"
+      quant="${row#ptq_}" hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
   elif [[ $row == *_kd ]]; then
     "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
       quant="${row%_kd}" module.distillation_weight=0.5 module.distillation_temperature=1 \
-      hydra.run.dir="$dir" "${quiet[@]}"
+      hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
   else
     "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
-      quant="$row" hydra.run.dir="$dir" "${quiet[@]}"
+      quant="$row" hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
   fi
 done
 "$python" -m lightning_qat.report "$out/lowbit"
