@@ -507,8 +507,9 @@ def _join_relus_to_quantizers(model: nn.Module, placement: Placement) -> None:
     """Make each ``nn.ReLU`` whose output goes to one per-tensor `FakeQuantize` and
     nothing else a `ReLUBeforeQuantizer`, its gradient mask applied by that quantizer:
     a ReLU that only its layer's input quantizer reads, or a ReLU returning its output
-    through its own ``output_quantizer``. Learned-step quantizers keep their input for
-    the backward anyway, so their ReLUs stay as they are."""
+    through its own ``output_quantizer``. A learned-step quantizer (which keeps its
+    input for the step's gradient anyway) zeroes its input's gradient where the ReLU
+    did, in place: one activation-sized tensor less in the backward."""
     joins: list[tuple[nn.Module, FakeQuantize]] = []
     for relu_name, layer_name in placement.relus_into_layers:
         layer = model.get_submodule(layer_name)
@@ -519,7 +520,7 @@ def _join_relus_to_quantizers(model: nn.Module, placement: Placement) -> None:
         if not point.on_input and type(module) is nn.ReLU:
             joins.append((module, getattr(module, OUTPUT_QUANTIZER)))
     for relu, quantizer in joins:
-        if type(relu) is nn.ReLU and type(quantizer) is FakeQuantize and not quantizer.per_channel:
+        if type(relu) is nn.ReLU and ReLUBeforeQuantizer.can_read(quantizer):
             ReLUBeforeQuantizer.convert(relu, quantizer)
 
 

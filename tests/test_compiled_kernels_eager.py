@@ -160,3 +160,27 @@ def test_in_place_needs_the_relu_mask():
     scale, zero_point = torch.tensor(0.05), torch.tensor(0, dtype=torch.int32)
     out, _ = fake_quantize_compiled(x, scale, zero_point, -127, 127, False, in_place=True)
     assert out is not x
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_zero_unless_positive_is_a_relus_backward_written_over_the_gradient(layout):
+    from lightning_qat.quant.compiled_kernels import zero_unless_positive
+
+    x = _input((4, 6, 5, 5), layout).relu()  # zeros, NaN, inf as a ReLU outputs them
+    grad = torch.randn(4, 6, 5, 5).to(memory_format=_format(layout))
+    expected = torch.ops.aten.threshold_backward(grad, x, 0.0)
+    version = grad._version
+    out = zero_unless_positive(grad, x)
+    assert out is grad and grad._version > version
+    assert torch.equal(out, torch.where(x.isnan(), 0.0, expected))  # (NaN: never in range)
+    # another layout: a new tensor, the gradient untouched
+    other = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        copy_ = other.clone()
+        out = zero_unless_positive(other, x)
+        assert out is not other and torch.equal(other, copy_)
+        assert torch.equal(out, torch.where(x > 0, other, 0.0))
+
+
+def _format(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -13,6 +13,7 @@ import lightning_qat.prepare as prepare_module
 from lightning_qat import QuantConfig, prepare_qat
 from lightning_qat.app.models import NIN, LeNet, resnet20
 from lightning_qat.nn import ReLUBeforeQuantizer
+from lightning_qat.quant import FakeQuantize
 
 SMALL_NIN = (16, 12, 8, 16, 16, 16, 16, 16)
 MODELS = {
@@ -20,7 +21,12 @@ MODELS = {
     "resnet20": (resnet20, (4, 3, 32, 32)),
     "lenet": (LeNet, (8, 1, 28, 28)),
 }
-CONFIGS = [QuantConfig(), QuantConfig(symmetric=False, bn_fold=False)]
+CONFIGS = [
+    QuantConfig(),
+    QuantConfig(symmetric=False, bn_fold=False),
+    # learned steps and LSQ+ offsets: their gradients read the in-range mask alone
+    QuantConfig(weight_bits=4, activation_bits=4, activation_symmetric=False, learn_scale=True),
+]
 
 
 def prepare_without_joining(model, config):
@@ -42,11 +48,13 @@ def train(model, inputs):
         y = model(x)
         y.square().sum().backward()
         optimizer.step()
-        seen += [y.detach(), *(p.grad.clone() for p in model.parameters())]
+        # (a learned step without a gradient yet: an empty tensor stands for None)
+        grads = [torch.empty(0) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        seen += [y.detach(), *grads]
     return seen + [p.detach().clone() for p in model.parameters()] + list(model.buffers())
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["sym-folded", "asym-unfolded"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["sym-folded", "asym-unfolded", "lsq-w4a4"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_joined_relus_train_bit_for_bit_as_plain_ones(name, config):
     make, shape = MODELS[name]
@@ -73,8 +81,9 @@ def test_which_relus_are_joined():
     assert len(joined(resnet)) == 19
     relu2 = resnet.layers[0].relu2
     assert relu2.reader is relu2.output_quantizer
-    # learned steps keep their input for the backward: nothing to gain
-    assert not joined(prepare_qat(NIN(widths=SMALL_NIN), QuantConfig(learn_scale=True)))
+    # learned steps join the same ReLUs (their backward zeroes the gradient in place)
+    learned = prepare_qat(NIN(widths=SMALL_NIN), QuantConfig(learn_scale=True))
+    assert joined(learned) == joined(nin)
 
 
 class ReadTwice(nn.Module):
@@ -185,9 +194,9 @@ def test_convert_refuses_what_it_cannot_join():
     quantizer = FakeQuantize.for_activations(QuantConfig())
     with pytest.raises(TypeError, match=r"nn\.ReLU"):
         ReLUBeforeQuantizer.convert(nn.ReLU6(), quantizer)
-    learned = FakeQuantize.for_activations(QuantConfig(learn_scale=True))
+    per_channel = FakeQuantize.for_weights(QuantConfig(learn_scale=True), num_channels=4)
     with pytest.raises(TypeError, match="per-tensor FakeQuantize"):
-        ReLUBeforeQuantizer.convert(nn.ReLU(), learned)
+        ReLUBeforeQuantizer.convert(nn.ReLU(), per_channel)
 
 
 def test_the_quantizer_writes_over_the_relu_output_it_alone_reads():
@@ -230,3 +239,26 @@ def test_a_relu_output_kept_elsewhere_is_not_overwritten_silently():
     out = quantizer(y)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (out.sum() + other_reader).backward()
+
+
+def test_learned_steps_train_bit_for_bit_through_the_freeze():
+    """LSQ with joined ReLUs, learning and then frozen (the callback's
+    ``freeze_observer_epoch``: the frozen grid runs through the observer-based pass,
+    written over the ReLU's output): every output, gradient and Parameter as with plain
+    ReLUs."""
+    torch.manual_seed(0)
+    base = resnet20()
+    config = CONFIGS[2]
+    inputs = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    ours = prepare_qat(copy.deepcopy(base), config)
+    plain = prepare_without_joining(copy.deepcopy(base), config)
+    assert len(joined(ours)) == 19 and not joined(plain)
+    seen = []
+    for model in (ours, plain):
+        learning = train(model, inputs[:2])
+        for module in model.modules():
+            if isinstance(module, FakeQuantize):
+                module.enable_observer(False)
+        seen.append(learning + train(model, inputs[2:]))
+    for a, b in zip(*seen, strict=True):
+        assert torch.equal(a, b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from lightning_qat.quant import FakeQuantize
+from lightning_qat.quant import FakeQuantize, LearnedScaleFakeQuantize
 
 
 class _ReLUMaskDeferred(torch.autograd.Function):
@@ -63,12 +63,22 @@ class ReLUBeforeQuantizer(nn.ReLU):
         """Turn ``relu`` (in place) into this class, ``reader`` applying its mask."""
         if type(relu) is not nn.ReLU:
             raise TypeError(f"expected an nn.ReLU, got {type(relu).__name__}")
-        if type(reader) is not FakeQuantize or reader.per_channel:
-            raise TypeError("the reader must be a per-tensor FakeQuantize")
+        if not cls.can_read(reader):
+            raise TypeError(
+                "the reader must be a per-tensor FakeQuantize or LearnedScaleFakeQuantize"
+            )
         relu.__class__ = cls
         object.__setattr__(relu, "reader", reader)
         reader.input_after_relu = True
         return relu
+
+    @staticmethod
+    def can_read(quantizer: nn.Module) -> bool:
+        """Whether ``quantizer`` applies the ReLU's mask (``input_after_relu``): a
+        per-tensor `FakeQuantize` or `LearnedScaleFakeQuantize`."""
+        return type(quantizer) in (FakeQuantize, LearnedScaleFakeQuantize) and not (
+            quantizer.per_channel
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

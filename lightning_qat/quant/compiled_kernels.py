@@ -76,6 +76,10 @@ def _backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(grad.dtype) != 0, grad, 0.0)
 
 
+def _zero_unless_positive_in_place(grad: torch.Tensor, x: torch.Tensor) -> None:
+    grad.copy_(torch.where(x > 0, grad, 0.0))
+
+
 def _compiled(name: str, fn: Callable) -> Callable:
     if name not in _state:
         _state[name] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -187,3 +191,21 @@ def masked_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if result is not None:
             return _in_layout_of(result, mask)  # type: ignore[arg-type]
     return torch.where(mask != 0, grad, 0.0)
+
+
+def zero_unless_positive(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``x > 0``, else 0: a ReLU's backward (``x`` its output), written over
+    ``grad`` in one compiled pass where it is available and the two share a layout (the
+    caller owns ``grad``), else ``torch.where`` (a new tensor)."""
+    if (
+        _usable(grad, x)
+        and grad.stride() == x.stride()
+        and grad.permute(memory_order(grad)).is_contiguous()
+        and grad.numel() > 0
+    ):
+        fn = _zero_unless_positive_in_place
+        _run(fn.__name__, fn, _flat_alias(grad), _flat_alias(x))
+        if compiled_kernels_enabled():  # else compiling failed, grad untouched
+            torch.autograd.graph.increment_version(grad)
+            return grad
+    return torch.where(x > 0, grad, 0.0)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_qat.quant.compiled_kernels import zero_unless_positive
 from lightning_qat.quant.fake_quantize import (
     FakeQuantize,
     fake_quantize_with_mask,
@@ -39,10 +40,27 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     ``m`` the in-range mask: ``d/ds = (x_hat - m x) / s`` (``round(x/s) - x/s`` inside,
     ``qmin - z`` / ``qmax - z`` where clipped), ``d/dz = -s (1 - m)``; both summed per
     step size and multiplied by ``g``.
+
+    With ``after_relu`` (the input is a `ReLUBeforeQuantizer`'s output, whose backward
+    passes the gradient through) the input's gradient is also zeroed where ``x <= 0``,
+    the ReLU's backward, in place after the sums (which use ``m`` alone: ``d/dz`` counts
+    an in-range zero as in range): bit for bit the plain ReLU's gradient, one
+    activation-sized tensor less per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, learned_zero_point, zero_point, axis, quant_min, quant_max, g):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        x,
+        scale,
+        learned_zero_point,
+        zero_point,
+        axis,
+        quant_min,
+        quant_max,
+        g,
+        after_relu=False,
+    ):
         if axis is None:
             out, mask = fake_quantize_with_mask(x, scale.detach(), zero_point, quant_min, quant_max)
         else:
@@ -51,6 +69,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             )
         ctx.save_for_backward(x, out, mask_for_backward(mask), scale)
         ctx.axis, ctx.g, ctx.has_zero_point = axis, g, learned_zero_point is not None
+        ctx.after_relu = after_relu
         return out
 
     @staticmethod
@@ -74,7 +93,9 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
         grad_zero_point = None
         if ctx.has_zero_point:
             grad_zero_point = (-ctx.g * clipped * s.reshape(-1)).reshape(scale.shape)
-        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
+        if ctx.after_relu:  # the joined ReLU's own mask, once the sums above are taken
+            grad_x = zero_unless_positive(grad_x, x)
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None, None
 
 
 def _strided_like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -253,6 +274,7 @@ class LearnedScaleFakeQuantize(FakeQuantize):
             self.quant_min,
             self.quant_max,
             factor,
+            self.input_after_relu,
         )
         return out.to(x.dtype)
 
