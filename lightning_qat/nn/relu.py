@@ -44,7 +44,8 @@ class ReLUBeforeQuantizer(nn.ReLU):
     allocation less per ReLU; under glibc's default allocator each one is a fresh mmap
     that the kernel zero-fills, every step). Were the output kept by anything else for
     its backward, autograd's version check would refuse the step rather than let it be
-    overwritten unseen.
+    overwritten unseen; a forward hook on the ReLU that keeps its output (for logging,
+    say) sees the quantized values once the quantizer has run.
 
     `prepare_qat` turns an ``nn.ReLU`` into this class (in place, as
     ``torch.nn.utils.parametrize`` does: hooks, children and state stay) where the
