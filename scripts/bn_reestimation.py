@@ -64,10 +64,15 @@ def reestimate_batch_norm(model: nn.Module, inputs: Iterable[torch.Tensor], batc
     return used
 
 
-def _images(loader: Iterable, device: torch.device, channels_last: bool) -> Iterable[torch.Tensor]:
-    for x, _ in loader:
+def _batches(loader: Iterable, device: torch.device | str, channels_last: bool) -> Iterable:
+    """``(images, labels)`` of ``loader`` on ``device``, images channels_last if asked."""
+    for x, y in loader:
         x = x.to(device)
-        yield x.to(memory_format=torch.channels_last) if channels_last else x
+        yield (x.to(memory_format=torch.channels_last) if channels_last else x), y
+
+
+def _images(loader: Iterable, device: torch.device | str, channels_last: bool) -> Iterable:
+    return (x for x, _ in _batches(loader, device, channels_last))
 
 
 class ReestimateAtFreeze(pl.Callback):
@@ -110,7 +115,7 @@ def main(argv: list[str]) -> None:
     def test_accuracy() -> float:
         model.eval()
         correct = total = 0
-        for x, y in _images_and_labels(data.test_dataloader(), channels_last):
+        for x, y in _batches(data.test_dataloader(), "cpu", channels_last):
             correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
         return 100 * correct / total
@@ -123,11 +128,6 @@ def main(argv: list[str]) -> None:
     print(
         f"{checkpoint}: test {before:.2f}% -> {after:.2f}% (BatchNorm re-estimated, {used} batches)"
     )
-
-
-def _images_and_labels(loader: Iterable, channels_last: bool) -> Iterable:
-    for x, y in loader:
-        yield (x.to(memory_format=torch.channels_last) if channels_last else x), y
 
 
 if __name__ == "__main__":

@@ -117,6 +117,11 @@ def _run(name: str, fn: Callable, *args: object) -> object | None:
         return None
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory without gaps (any order of dimensions)."""
+    return t.permute(memory_order(t)).is_contiguous()
+
+
 def _flat_alias(t: torch.Tensor) -> torch.Tensor:
     """``t``'s elements in memory order as a 1-d tensor on the same memory that is not a
     view: torch.compile guards on a view's base (its strides, its sizes), which would
@@ -158,7 +163,7 @@ def fake_quantize_compiled(
     allocator is a fresh mmap whose pages the kernel zero-fills every step."""
     if not _usable(x) or x.dim() == 0 or x.numel() == 0:
         return None
-    dense = x.permute(memory_order(x)).is_contiguous()
+    dense = _dense(x)
     # the grid's ends as tensors: one compilation for every bit width
     bounds = torch.tensor([quant_min, quant_max], dtype=torch.float32).unbind()
     qparams = (scale.detach(), zero_point.detach(), *bounds)
@@ -197,12 +202,7 @@ def zero_unless_positive(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad`` where ``x > 0``, else 0: a ReLU's backward (``x`` its output), written over
     ``grad`` in one compiled pass where it is available and the two share a layout (the
     caller owns ``grad``), else ``torch.where`` (a new tensor)."""
-    if (
-        _usable(grad, x)
-        and grad.stride() == x.stride()
-        and grad.permute(memory_order(grad)).is_contiguous()
-        and grad.numel() > 0
-    ):
+    if _usable(grad, x) and grad.stride() == x.stride() and _dense(grad) and grad.numel():
         fn = _zero_unless_positive_in_place
         _run(fn.__name__, fn, _flat_alias(grad), _flat_alias(x))
         if compiled_kernels_enabled():  # else compiling failed, grad untouched
