@@ -135,11 +135,9 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite and BN
         # then outputs β, as the float Conv->BN would.
         inv_factor = 1 / torch.where(factor == 0, torch.ones_like(factor), factor)
-        # In place: the convolution's backward does not need its output.
-        z = y.mul_(self._per_map(inv_factor).to(y.dtype))
-        if self.bias is not None:
-            z = z + self._per_map(self.bias).to(z.dtype)
-        return self.bn.normalize(z)
+        # z = y / f (+ b) written over y: the convolution's backward does not need its output
+        bias = None if self.bias is None else self._per_map(self.bias)
+        return self.bn.normalize_rescaled(y, self._per_map(inv_factor), bias)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"bn_frozen": self.bn_frozen}

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_qat.nn.pruning import adopt_tensor
@@ -78,6 +79,48 @@ class FoldedBatchNorm2d(nn.Module):
             )
         return self._synced_normalize(z, momentum)
 
+    def normalize_rescaled(
+        self, y: torch.Tensor, inv_factor: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`normalize` of ``z = y · inv_factor (+ bias)``, ``inv_factor`` and ``bias``
+        shaped per map (``[1, C, 1, ...]``), with ``z`` written over ``y``: the caller owns
+        ``y`` (a convolution's output, which the convolution's backward does not read)
+        and ``inv_factor`` is a constant for autograd.
+
+        Values and gradients are bit for bit those of ``normalize(y.mul_(inv_factor) +
+        bias)``. On the CPU in float32 (one process, training with gradients, not under
+        torch.compile) one autograd node does both, and its backward multiplies the
+        BatchNorm's input gradient by ``inv_factor`` in place: autograd's backward of
+        the multiplication writes a new activation-sized tensor instead, which under
+        glibc's default allocator is a fresh mmap zero-filled every step
+        (``bench/qat_overhead.py``). Elsewhere (a GPU's batch norm runs other kernels;
+        a compiled graph plans its own buffers) it is that very expression."""
+        fused = (
+            torch.is_grad_enabled()
+            and y.requires_grad
+            and y.device.type == "cpu"
+            and y.dtype == torch.float32
+            and y.numel() > y.shape[0] * y.shape[1]  # else F.batch_norm's error below
+            and not torch.compiler.is_compiling()
+            and self._world_size() == 1
+        )
+        if not fused:
+            z = y.mul_(inv_factor.to(y.dtype))
+            if bias is not None:
+                z = z + bias.to(z.dtype)
+            return self.normalize(z)
+        return _RescaledBatchNorm.apply(
+            y,
+            inv_factor,
+            bias,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self._momentum(),
+            self.eps,
+        )
+
     def _synced_normalize(self, z: torch.Tensor, momentum: float) -> torch.Tensor:
         """Batch statistics over all ranks: all-reduce of per-channel count, sum and sum of
         squares. ``torch.distributed.nn.all_reduce`` is differentiable, so each rank's
@@ -107,3 +150,53 @@ class FoldedBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"
+
+
+class _RescaledBatchNorm(torch.autograd.Function):
+    """``batch_norm(y · d + b)`` in training mode (batch statistics, running ones
+    updated), ``y · d + b`` written over ``y``; ``d`` takes no gradient.
+
+    The backward is what autograd runs for ``F.batch_norm`` after ``y.mul_(d) + b``
+    (aten's ``native_batch_norm_backward``, then the broadcast sum for ``b``, then the
+    product with ``d``), with the product written over the BatchNorm's input gradient,
+    which this node made and nothing else reads: one activation-sized tensor less per
+    folded layer and step. See `FoldedBatchNorm2d.normalize_rescaled`."""
+
+    @staticmethod
+    def forward(
+        ctx, y, inv_factor, bias, weight, bn_bias, running_mean, running_var, momentum, eps
+    ):  # type: ignore[override]
+        z = y.detach().mul_(inv_factor)
+        if bias is not None:
+            z.add_(bias)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            z, weight, bn_bias, running_mean, running_var, True, momentum, eps
+        )
+        # (training mode: the backward reads the batch statistics, not the running ones)
+        ctx.save_for_backward(z, inv_factor, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        z, inv_factor, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_z, grad_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out,
+            z,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [needs[0] or needs[2], needs[3], needs[4]],
+        )
+        grad_bias = None
+        if needs[2]:
+            grad_bias = grad_z.sum_to_size(ctx.bias_shape)  # before grad_z is overwritten
+        grad_y = grad_z.mul_(inv_factor) if needs[0] else None
+        return grad_y, None, grad_bias, grad_weight, grad_bn_bias, None, None, None, None
