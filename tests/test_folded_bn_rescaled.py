@@ -8,13 +8,11 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
+from training_steps import MODELS, train
 
 from lightning_qat import QuantConfig, prepare_qat
-from lightning_qat.app.models import NIN, LeNet, resnet20
 from lightning_qat.nn import QuantConvBn2d
 from lightning_qat.nn.folded_bn import FoldedBatchNorm2d
-
-SMALL_NIN = (16, 12, 8, 16, 16, 16, 16, 16)
 
 
 def reference(self, y, inv_factor, bias):
@@ -106,13 +104,6 @@ def test_the_plain_expression_where_the_node_does_not_apply():
         layer(torch.randn(1, 3, 1, 1))
 
 
-MODELS = {
-    "nin": (lambda: NIN(widths=SMALL_NIN), (8, 3, 32, 32)),
-    "resnet20": (resnet20, (4, 3, 32, 32)),
-    "lenet": (LeNet, (8, 1, 28, 28)),
-}
-
-
 @pytest.mark.parametrize(
     "config",
     [QuantConfig(), QuantConfig(weight_bits=4, activation_bits=4, learn_scale=True)],
@@ -129,16 +120,3 @@ def test_training_steps_bit_for_bit(name, config):
         plain = train(copy.deepcopy(base), inputs)
     for a, b in zip(fused, plain, strict=True):
         assert torch.equal(a, b)
-
-
-def train(model, inputs):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    seen = []
-    for x in inputs:
-        optimizer.zero_grad()
-        y = model(x)
-        y.square().sum().backward()
-        optimizer.step()
-        grads = [torch.empty(0) if p.grad is None else p.grad.clone() for p in model.parameters()]
-        seen += [y.detach(), *grads]
-    return seen + [p.detach().clone() for p in model.parameters()] + list(model.buffers())

@@ -8,19 +8,14 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
+from training_steps import MODELS, SMALL_NIN, train
 
 import lightning_qat.prepare as prepare_module
 from lightning_qat import QuantConfig, prepare_qat
-from lightning_qat.app.models import NIN, LeNet, resnet20
+from lightning_qat.app.models import NIN, resnet20
 from lightning_qat.nn import ReLUBeforeQuantizer
 from lightning_qat.quant import FakeQuantize
 
-SMALL_NIN = (16, 12, 8, 16, 16, 16, 16, 16)
-MODELS = {
-    "nin": (lambda: NIN(widths=SMALL_NIN), (8, 3, 32, 32)),
-    "resnet20": (resnet20, (4, 3, 32, 32)),
-    "lenet": (LeNet, (8, 1, 28, 28)),
-}
 CONFIGS = [
     QuantConfig(),
     QuantConfig(symmetric=False, bn_fold=False),
@@ -37,21 +32,6 @@ def prepare_without_joining(model, config):
 
 def joined(model):
     return [name for name, m in model.named_modules() if isinstance(m, ReLUBeforeQuantizer)]
-
-
-def train(model, inputs):
-    """Three SGD steps; every output, gradient and updated Parameter."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    seen = []
-    for x in inputs:
-        optimizer.zero_grad()
-        y = model(x)
-        y.square().sum().backward()
-        optimizer.step()
-        # (a learned step without a gradient yet: an empty tensor stands for None)
-        grads = [torch.empty(0) if p.grad is None else p.grad.clone() for p in model.parameters()]
-        seen += [y.detach(), *grads]
-    return seen + [p.detach().clone() for p in model.parameters()] + list(model.buffers())
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["sym-folded", "asym-unfolded", "lsq-w4a4"])
