@@ -51,11 +51,14 @@ def run(bn, y0, inv_factor, bias, grad_out):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_values_gradients_and_statistics_bit_for_bit(memory_format, with_bias, affine, momentum):
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 6, 1, 1)])
+def test_values_gradients_and_statistics_bit_for_bit(
+    memory_format, with_bias, affine, momentum, shape
+):
     torch.manual_seed(0)
     bn = folded_bn(6, affine, momentum)
-    y0 = torch.randn(4, 6, 5, 7).to(memory_format=memory_format)
-    grad_out = torch.randn(4, 6, 5, 7).to(memory_format=memory_format)
+    y0 = torch.randn(shape).to(memory_format=memory_format)
+    grad_out = torch.randn(shape).to(memory_format=memory_format)
     inv_factor = torch.rand(1, 6, 1, 1) + 0.5
     bias = torch.randn(1, 6, 1, 1)
     runs = []
