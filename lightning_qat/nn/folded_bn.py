@@ -97,7 +97,7 @@ class FoldedBatchNorm2d(nn.Module):
         a compiled graph plans its own buffers) it is that very expression."""
         fused = (
             torch.is_grad_enabled()
-            and y.requires_grad
+            and y.grad_fn is not None  # an op's output, not a leaf (written over)
             and y.device.type == "cpu"
             and y.dtype == torch.float32
             and y.numel() > y.shape[1]  # more than one value per channel (else F.batch_norm raises)
