@@ -96,12 +96,12 @@ class FoldedBatchNorm2d(nn.Module):
         (``bench/qat_overhead.py``). Elsewhere (a GPU's batch norm runs other kernels;
         a compiled graph plans its own buffers) it is that very expression."""
         fused = (
-            torch.is_grad_enabled()
+            not torch.compiler.is_compiling()  # first: dynamo does not trace .grad_fn
+            and torch.is_grad_enabled()
             and y.grad_fn is not None  # an op's output, not a leaf (written over)
             and y.device.type == "cpu"
             and y.dtype == torch.float32
             and y.numel() > y.shape[1]  # more than one value per channel (else F.batch_norm raises)
-            and not torch.compiler.is_compiling()
             and self._world_size() == 1
         )
         if not fused:
