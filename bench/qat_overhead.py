@@ -33,6 +33,7 @@ export), each in a fresh process, and prints both tables.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -89,11 +90,13 @@ def plain_relus(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, batch_size: int, compile: bool = False) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, batch_size: int, compile: bool = False, options: dict | None = None
+) -> Callable[[], None]:
     model = model.train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, options=options)
     x = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
 
@@ -122,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny NIN and batch (smoke test)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument(
+        "--compile-options",
+        type=json.loads,
+        help="inductor options for every variant's torch.compile, as JSON "
+        "(e.g. '{\"realize_reads_threshold\": 8}')",
+    )
     parser.add_argument(
         "--variants",
         help="comma-separated variant names to run (FP32 always runs: the ratios' base)",
@@ -160,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(
             [sys.executable, __file__, *rest, "--malloc", "current"], env=env, check=True
         )
+
+
+def _compiled(args: argparse.Namespace) -> str:
+    if not args.compile:
+        return ""
+    options = f", options {json.dumps(args.compile_options)}" if args.compile_options else ""
+    return f" (torch.compile{options})"
 
 
 def _without_malloc(argv: list[str]) -> list[str]:
@@ -201,7 +217,7 @@ def peak_memory(args: argparse.Namespace) -> int:
     model = _variants(args, widths)[args.peak_of]()
     if model is None:
         return 0
-    step = make_step(model, batch_size, args.compile)
+    step = make_step(model, batch_size, args.compile, args.compile_options)
     if args.compile:
         step()  # compilation's own memory is not the step's
     before = _status_bytes("VmRSS")
@@ -250,7 +266,7 @@ def step_times(args: argparse.Namespace) -> tuple[list[float], list[float], list
     model = _variants(args, widths)[args.time_of]()
     if model is None:
         return [], [], []
-    step = make_step(model, batch_size, args.compile)
+    step = make_step(model, batch_size, args.compile, args.compile_options)
     for _ in range(args.warmup):
         step()
     times, kernel, faulted = [], [], []
@@ -296,7 +312,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"NIN training step{' (torch.compile)' if args.compile else ''}, batch {batch_size}, "
+        f"NIN training step{_compiled(args)}, batch {batch_size}, "
         "channels_last, SGD, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"median of {args.rounds} steps in each of {args.passes} fresh processes per variant"
