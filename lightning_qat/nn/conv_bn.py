@@ -130,6 +130,8 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         # here; γ gets its gradient through BN alone, as in the float Conv->BN, and the
         # division's gradient (two full-size passes per layer) is never computed.
         factor = self.fold_factor().detach()
+        if torch.compiler.is_compiling():
+            factor = _saved_for_backward(factor)
         weight = self.weight_quantizer(self.weight * self._per_channel(factor))
         y = self._conv_forward(x, weight, None)
         # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite and BN
@@ -147,6 +149,21 @@ class QuantConvBnMixin(QuantizedLayerMixin):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_frozen={self.bn_frozen}"
+
+
+def _saved_for_backward(factor: torch.Tensor) -> torch.Tensor:
+    """``factor`` itself, through an op that AOTAutograd's min-cut partitioner does not
+    recompute in the backward (``aten.cat`` is not on its list of recomputable ops).
+
+    ``f`` is read from the running variance before the BatchNorm updates it, in the same
+    forward. Compiled with inductor, the partitioner recomputed ``f`` in the backward from
+    the buffer, which by then held the updated statistics: every weight gradient was off
+    by ``f_new / f_old`` per channel (4-5% on a small test model's first step), silently
+    (pytorch/pytorch PR 197039, "Don't recompute reads of mutated inputs or mutable
+    buffers", open, is the fix in torch). Saved, ``f`` is the value the forward used."""
+    # (a cat of one tensor, or of a tensor with itself, is simplified into recomputable
+    # ops before partitioning; the slice is recomputed from the saved cat)
+    return torch.cat([factor, factor.new_zeros(1)])[: factor.shape[0]]
 
 
 class QuantConvBn2d(QuantConvBnMixin, nn.Conv2d):
