@@ -102,7 +102,7 @@ def test_compiled_folded_steps_compute_what_eager_computes(options: dict | None)
     """Inductor, as is and with the README's ``realize_reads_threshold`` advice. The fold
     factor is read from the running variance that the same forward updates: recomputed
     in the backward from the updated buffer, it had put every weight gradient off by
-    4-5% here (``_saved_for_backward``)."""
+    ``f_new / f_old`` per channel (``_saved_for_backward``)."""
     eager = _folded_model()
     compiled_model = copy.deepcopy(eager)
     x = torch.randn(4, 8, 8, 8).to(memory_format=torch.channels_last)

@@ -158,7 +158,7 @@ def _saved_for_backward(factor: torch.Tensor) -> torch.Tensor:
     ``f`` is read from the running variance before the BatchNorm updates it, in the same
     forward. Compiled with inductor, the partitioner recomputed ``f`` in the backward from
     the buffer, which by then held the updated statistics: every weight gradient was off
-    by ``f_new / f_old`` per channel (4-5% on a small test model's first step), silently
+    by ``f_new / f_old`` per channel (the step's update of the statistics), silently
     (pytorch/pytorch PR 197039, "Don't recompute reads of mutated inputs or mutable
     buffers", open, is the fix in torch). Saved, ``f`` is the value the forward used."""
     # (a cat of one tensor, or of a tensor with itself, is simplified into recomputable
