@@ -15,9 +15,15 @@ processes alternate between the variants (``--passes`` of each) so that load on 
 shared machine hits them alike, and the median step over all of a variant's timed steps
 is reported.
 
-Memory: each variant also runs alone in a fresh process (a few steps), whose peak resident
-memory above its state before the first step is reported as a ratio to FP32's (two
-models in one process would share an allocator and hide each other's peaks).
+Memory: each variant also runs alone in a fresh process (two models in one process would
+share an allocator and hide each other's peaks), with two figures as ratios to FP32's:
+the tensors live at the step's peak (torch's profiler adds up every allocation and free
+of one step: the allocator's habits do not enter it, as CUDA's ``max_memory_allocated``
+on a GPU), and the process's resident peak over ``--memory-steps`` steps above its state
+after a first step. That first step is a one-time cost, reported in a column of its own:
+it compiles the CPU fake-quant pass (or, with ``--compile``, the model), whose code,
+imports and transient peak are not the step's. Eager processes take it at batch 2, so
+the measured steps start from a heap that large activations have not shaped.
 
 ``--compile`` compiles each model with ``torch.compile`` (inductor) first and compares
 compiled QAT with compiled FP32 (torch.ao's eager QAT is left out there).
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.peak_of:
-        print(peak_memory(args))
+        print(*peak_memory(args))
         return
     if args.time_of:
         for row in step_times(args):  # wall seconds, kernel seconds, MB faulted in
@@ -209,23 +215,53 @@ def _variants(args: argparse.Namespace, widths: tuple[int, ...]) -> dict[str, Ca
     return found
 
 
-def peak_memory(args: argparse.Namespace) -> int:
-    """Peak resident memory (bytes) of a few training steps of one variant, above the
-    process's state after building the model, its optimizer and its input."""
+def peak_memory(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Of one variant (``--peak-of``), in this process alone, in bytes: the tensors live at
+    the peak of one training step above those live at its start, the resident peak of
+    ``--memory-steps`` steps above the process after its first step, and what that
+    first step left resident (the compiled pass's code and imports: a one-time cost).
+    Zeros where torch does not ship the variant."""
     widths, batch_size = _sizes(args)
     torch.manual_seed(0)
     model = _variants(args, widths)[args.peak_of]()
     if model is None:
-        return 0
-    step = make_step(model, batch_size, args.compile, args.compile_options)
-    if args.compile:
-        step()  # compilation's own memory is not the step's
+        return 0, 0, 0
     before = _status_bytes("VmRSS")
+    # The first step compiles (the CPU fake-quant pass; with --compile, the model) and
+    # creates the optimizer's momentum: at batch 2 eagerly, so no large activation is
+    # interleaved with what compilation leaves on the heap; compiled models take it at
+    # the measured batch, as a recompile for the batch size would be a second compile.
+    first_batch = batch_size if args.compile else min(2, batch_size)
+    if first_batch != batch_size:
+        make_step(model, first_batch)()
+    step = make_step(model, batch_size, args.compile, args.compile_options)
+    if first_batch == batch_size:
+        step()
+    warmed = _status_bytes("VmRSS")
+    # Linux resets VmHWM to the current RSS on "5" (proc(5), /proc/pid/clear_refs), so the
+    # peak below is the measured steps', not the first step's compilation's.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
     for _ in range(args.memory_steps):
         step()
-    # VmHWM, this process's own peak: getrusage's ru_maxrss starts a child at its parent's
-    # peak (Linux copies it at fork), which made every variant read the timing run's peak
-    return _status_bytes("VmHWM") - before
+    resident = _status_bytes("VmHWM") - warmed
+    return live_tensor_peak(step), resident, warmed - before
+
+
+def live_tensor_peak(step: Callable[[], None]) -> int:
+    """Bytes of tensors live at the peak of one ``step()`` above those live at its start:
+    the running sum of the allocations (+) and frees (-) torch's profiler records, in
+    time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _status_bytes(field: str) -> int:
@@ -239,7 +275,7 @@ def _status_bytes(field: str) -> int:
 def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
     widths, _ = _sizes(args)
     rest = _without_malloc(argv)
-    peaks = {}
+    peaks: dict[str, list[int]] = {}
     for name in _variants(args, widths):
         out = subprocess.run(
             [sys.executable, __file__, *rest, "--malloc", "current", "--peak-of", name],
@@ -247,13 +283,22 @@ def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
             text=True,
             check=True,
         ).stdout
-        peaks[name] = int(out.split()[-1])
+        peaks[name] = [int(value) for value in out.split()[-3:]]
     print("\nPeak memory of a training step, each variant alone in a fresh process")
-    print("| variant | peak above the model (MB) | ratio to FP32 |")
-    print("|---|---:|---:|")
-    for name, peak in peaks.items():
-        if peak:
-            print(f"| {name} | {peak / 2**20:.0f} | {peak / peaks['FP32']:.2f}x |")
+    print(
+        "| variant | tensors live at the step's peak (MB) | ratio to FP32 "
+        "| resident peak of the steps (MB) | ratio to FP32 "
+        "| left resident by the first step, once (MB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    base_live, base_resident, _ = peaks["FP32"]
+    for name, (live, resident, first) in peaks.items():
+        if live:
+            print(
+                f"| {name} | {live / 2**20:.0f} | {live / base_live:.2f}x "
+                f"| {resident / 2**20:.0f} | {resident / base_resident:.2f}x "
+                f"| {first / 2**20:.0f} |"
+            )
 
 
 def step_times(args: argparse.Namespace) -> tuple[list[float], list[float], list[float]]:

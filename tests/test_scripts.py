@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,34 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     fp32_row = next(line for line in out.splitlines() if line.startswith("| FP32 |"))
     kernel_ms, faulted_mb = fp32_row.strip("| ").split(" | ")[3:5]
     assert kernel_ms.split()[0].isdigit() and float(faulted_mb) >= 0, fp32_row
+    # the memory table: live tensors, the resident peak and the first step's cost apart
+    memory = out[out.index("Peak memory of a training step") :]
+    assert "| tensors live at the step's peak (MB) | ratio to FP32 |" in memory, memory
+    fp32_memory = next(line for line in memory.splitlines() if line.startswith("| FP32 |"))
+    assert fp32_memory.count("1.00x") == 2, fp32_memory
+
+
+def test_live_tensor_peak_is_the_most_a_step_holds_at_once():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from qat_overhead import live_tensor_peak
+    finally:
+        sys.path.pop(0)
+    mib = 2**20
+
+    def overlapping() -> None:
+        first = torch.ones(mib, dtype=torch.uint8)
+        second = torch.ones(3 * mib, dtype=torch.uint8)
+        del first, second
+
+    def one_after_the_other() -> None:
+        first = torch.ones(mib, dtype=torch.uint8)
+        del first
+        second = torch.ones(3 * mib, dtype=torch.uint8)
+        del second
+
+    assert live_tensor_peak(overlapping) == 4 * mib
+    assert live_tensor_peak(one_after_the_other) == 3 * mib
 
 
 def test_qat_overhead_bench_runs_the_chosen_variants_beside_fp32():
