@@ -11,7 +11,9 @@
 #   bash scripts/lowbit_protocol.sh [OUT_DIR] [ROW ...]   (default outputs/resnet20_budget)
 # ROWs (default: all, most telling first): none, w4a4_lsq, ptq_w4a4 ...; a row ending in
 # _kd distils from the FP32 checkpoint (module.distillation_weight=0.5, temperature 1:
-# labels and teacher weighted equally); a row whose results.json exists is skipped, so a stopped run resumes by
+# labels and teacher weighted equally); a row ending in _lowwd (before any _kd) trains with
+# a quarter of the recipe's weight decay (1.25e-4: LSQ lowers weight decay as precision
+# falls, Esser et al. 2019 section 3; README, "ResNet-20 at 8 to 2 bits"); a row whose results.json exists is skipped, so a stopped run resumes by
 # running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
 # ROW_seedN (the FP32 checkpoint stays the one of the default seed); the report groups
 # the repeats.
@@ -38,16 +40,22 @@ fi
 for row in "${rows[@]}"; do
   dir="$out/lowbit/$row$suffix"
   [ -f "$dir/results.json" ] && continue
-  if [[ $row == ptq_* ]]; then
+  settings=("${quiet[@]}" ${SEED:+seed=$SEED})
+  quant=$row
+  if [[ $quant == *_kd ]]; then
+    settings+=(module.distillation_weight=0.5 module.distillation_temperature=1)
+    quant=${quant%_kd}
+  fi
+  if [[ $quant == *_lowwd ]]; then
+    settings+=(optimizer.weight_decay=1.25e-4)
+    quant=${quant%_lowwd}
+  fi
+  if [[ $quant == ptq_* ]]; then
     "$python" train.py recipe=resnet20_lowbit_ptq_cpu init_checkpoint="$checkpoint" \
-      quant="${row#ptq_}" hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
-  elif [[ $row == *_kd ]]; then
-    "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
-      quant="${row%_kd}" module.distillation_weight=0.5 module.distillation_temperature=1 \
-      hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
+      quant="${quant#ptq_}" hydra.run.dir="$dir" "${settings[@]}"
   else
     "$python" train.py recipe=resnet20_lowbit_cpu init_checkpoint="$checkpoint" \
-      quant="$row" hydra.run.dir="$dir" "${quiet[@]}" ${SEED:+seed=$SEED}
+      quant="$quant" hydra.run.dir="$dir" "${settings[@]}"
   fi
 done
 "$python" -m lightning_qat.report "$out/lowbit"

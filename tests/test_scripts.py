@@ -1,5 +1,6 @@
 """The benchmark and the demo run end to end (small settings)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,40 @@ def test_digits_demo_quantized_model_keeps_its_accuracy():
     assert results["fp32"] > 0.9
     assert results["qat"] > 0.9
     assert results["qat"] > results["fp32"] - 0.03
+
+
+def test_lowbit_protocol_rows_map_to_their_training_settings(tmp_path):
+    """Each row's suffixes become overrides (``_kd``: distillation, ``_lowwd``: a quarter of
+    the weight decay); a row with results is skipped. ``PYTHON=echo`` prints the commands."""
+    (tmp_path / "fp32" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fp32" / "results.json").write_text("{}")
+    (tmp_path / "fp32" / "checkpoints" / "latest-epoch014.ckpt").write_text("")
+    (tmp_path / "lowbit" / "w8a8_seed1").mkdir(parents=True)
+    (tmp_path / "lowbit" / "w8a8_seed1" / "results.json").write_text("{}")
+    rows = ["w2a2_lsq_res8_full_lowwd_kd", "ptq_w4a4", "w8a8", "w4a4_lsq"]
+    out = subprocess.run(
+        ["bash", "scripts/lowbit_protocol.sh", str(tmp_path), *rows],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": "echo", "SEED": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    commands = {
+        line.split("hydra.run.dir=")[1].split()[0].split("/")[-1]: line for line in out[:-1]
+    }
+    assert set(commands) == {
+        "w2a2_lsq_res8_full_lowwd_kd_seed1",
+        "ptq_w4a4_seed1",
+        "w4a4_lsq_seed1",
+    }
+    lowwd_kd = commands["w2a2_lsq_res8_full_lowwd_kd_seed1"].split()
+    assert "quant=w2a2_lsq_res8_full" in lowwd_kd and "optimizer.weight_decay=1.25e-4" in lowwd_kd
+    assert "module.distillation_weight=0.5" in lowwd_kd and "seed=1" in lowwd_kd
+    ptq = commands["ptq_w4a4_seed1"].split()
+    assert "recipe=resnet20_lowbit_ptq_cpu" in ptq and "quant=w4a4" in ptq
+    plain = commands["w4a4_lsq_seed1"].split()
+    assert "quant=w4a4_lsq" in plain and not any(
+        "weight_decay" in a or "distill" in a for a in plain
+    )
+    assert out[-1] == f"-m lightning_qat.report {tmp_path}/lowbit"
