@@ -12,8 +12,8 @@
 # ROWs (default: all, most telling first): none, w4a4_lsq, ptq_w4a4 ...; a row ending in
 # _kd distils from the FP32 checkpoint (module.distillation_weight=0.5, temperature 1:
 # labels and teacher weighted equally); a row ending in _lowwd (before any _kd) trains with
-# a quarter of the recipe's weight decay (1.25e-4: LSQ lowers weight decay as precision
-# falls, Esser et al. 2019 section 3; README, "ResNet-20 at 8 to 2 bits"); a row whose results.json exists is skipped, so a stopped run resumes by
+# a quarter of the recipe's weight decay (1.25e-4: LSQ trains lower precisions with less
+# weight decay, Esser et al. 2019 section 3; README, "ResNet-20 at 8 to 2 bits"); a row whose results.json exists is skipped, so a stopped run resumes by
 # running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
 # ROW_seedN (the FP32 checkpoint stays the one of the default seed); the report groups
 # the repeats.
