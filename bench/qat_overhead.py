@@ -4,6 +4,7 @@
     python bench/qat_overhead.py --compile       # torch.compile (inductor) of every variant
     python bench/qat_overhead.py --quick         # tiny widths and batch: a smoke run
     python bench/qat_overhead.py --variants "ours sym folded,ours LSQ W4A4"   # these beside FP32
+    python bench/qat_overhead.py --device cuda --batch-size 256 [--bf16] [--compile]   # a GPU
 
 Variants: FP32; lightning-qat W8A8 symmetric/asymmetric x folded/unfolded BN (and
 symmetric folded with its ReLUs kept plain instead of joined to their quantizers), and W4A4
@@ -97,19 +98,32 @@ def plain_relus(model: nn.Module) -> nn.Module:
 
 
 def make_step(
-    model: nn.Module, batch_size: int, compile: bool = False, options: dict | None = None
+    model: nn.Module,
+    batch_size: int,
+    compile: bool = False,
+    options: dict | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> Callable[[], None]:
-    model = model.train().to(memory_format=torch.channels_last)
+    """One SGD step of ``model`` on a fixed random batch, on ``device``; ``bf16``: the
+    forward under ``torch.autocast`` in bfloat16 (Lightning's ``precision="bf16-mixed"``).
+    On a GPU the step waits for the device, so that the wall clock times the step."""
+    model = model.to(device).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if compile:
         model = torch.compile(model, options=options)
-    x = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
+    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    device_type = torch.device(device).type
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else lambda: None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
+        synchronize()
 
     return step
 
@@ -141,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         help="comma-separated variant names to run (FP32 always runs: the ratios' base)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for a GPU")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast, as precision='bf16-mixed'"
+    )
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
     parser.add_argument("--memory-only", action="store_true", help="the memory table alone")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
@@ -152,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         help="allocator setting(s) to time under, each in a fresh process",
     )
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.peak_of:
         print(*peak_memory(args))
         return
@@ -182,6 +202,12 @@ def _compiled(args: argparse.Namespace) -> str:
         return ""
     options = f", options {json.dumps(args.compile_options)}" if args.compile_options else ""
     return f" (torch.compile{options})"
+
+
+def _setting(args: argparse.Namespace) -> str:
+    """The device and precision when they are not the default CPU float32."""
+    parts = [f"on {args.device}" if args.device != "cpu" else "", "bf16-mixed" if args.bf16 else ""]
+    return "".join(f", {part}" for part in parts if part)
 
 
 def _without_malloc(argv: list[str]) -> list[str]:
@@ -226,6 +252,8 @@ def peak_memory(args: argparse.Namespace) -> tuple[int, int, int]:
     model = _variants(args, widths)[args.peak_of]()
     if model is None:
         return 0, 0, 0
+    if torch.device(args.device).type == "cuda":
+        return cuda_peak_memory(args, model, batch_size)
     before = _status_bytes("VmRSS")
     # The first step compiles (the CPU fake-quant pass; with --compile, the model) and
     # creates the optimizer's momentum: at batch 2 eagerly, so no large activation is
@@ -233,8 +261,8 @@ def peak_memory(args: argparse.Namespace) -> tuple[int, int, int]:
     # the measured batch, as a recompile for the batch size would be a second compile.
     first_batch = batch_size if args.compile else min(2, batch_size)
     if first_batch != batch_size:
-        make_step(model, first_batch)()
-    step = make_step(model, batch_size, args.compile, args.compile_options)
+        make_step(model, first_batch, device=args.device, bf16=args.bf16)()
+    step = make_step(model, batch_size, args.compile, args.compile_options, args.device, args.bf16)
     if first_batch == batch_size:
         step()
     warmed = _status_bytes("VmRSS")
@@ -246,6 +274,23 @@ def peak_memory(args: argparse.Namespace) -> tuple[int, int, int]:
         step()
     resident = _status_bytes("VmHWM") - warmed
     return live_tensor_peak(step), resident, warmed - before
+
+
+def cuda_peak_memory(
+    args: argparse.Namespace, model: nn.Module, batch_size: int
+) -> tuple[int, int, int]:
+    """`peak_memory` on a GPU, from the CUDA caching allocator's counters: the most bytes
+    allocated at once in the steps above those allocated before them, the most reserved
+    above what the first step left reserved, and what that first step reserved."""
+    before = torch.cuda.memory_reserved()
+    step = make_step(model, batch_size, args.compile, args.compile_options, args.device, args.bf16)
+    step()  # compiles (with --compile) and creates the optimizer's momentum
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.memory_steps):
+        step()
+    live = torch.cuda.max_memory_allocated() - allocated
+    return live, torch.cuda.max_memory_reserved() - reserved, reserved - before
 
 
 def live_tensor_peak(step: Callable[[], None]) -> int:
@@ -284,7 +329,10 @@ def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
             check=True,
         ).stdout
         peaks[name] = [int(value) for value in out.split()[-3:]]
-    print("\nPeak memory of a training step, each variant alone in a fresh process")
+    print(
+        f"\nPeak memory of a training step{_setting(args)}, each variant alone in a fresh "
+        "process" + (" (CUDA's allocated and reserved)" if args.device != "cpu" else "")
+    )
     print(
         "| variant | tensors live at the step's peak (MB) | ratio to FP32 "
         "| resident peak of the steps (MB) | ratio to FP32 "
@@ -311,7 +359,7 @@ def step_times(args: argparse.Namespace) -> tuple[list[float], list[float], list
     model = _variants(args, widths)[args.time_of]()
     if model is None:
         return [], [], []
-    step = make_step(model, batch_size, args.compile, args.compile_options)
+    step = make_step(model, batch_size, args.compile, args.compile_options, args.device, args.bf16)
     for _ in range(args.warmup):
         step()
     times, kernel, faulted = [], [], []
@@ -357,7 +405,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, float]:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"NIN training step{_compiled(args)}, batch {batch_size}, "
+        f"NIN training step{_compiled(args)}{_setting(args)}, batch {batch_size}, "
         "channels_last, SGD, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"median of {args.rounds} steps in each of {args.passes} fresh processes per variant"

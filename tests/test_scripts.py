@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,51 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     assert "| tensors live at the step's peak (MB) | ratio to FP32 |" in memory, memory
     fp32_memory = next(line for line in memory.splitlines() if line.startswith("| FP32 |"))
     assert fp32_memory.count("1.00x") == 2, fp32_memory
+
+
+def test_qat_overhead_bench_runs_in_bf16_mixed_precision():
+    out = run_bench(
+        "qat_overhead.py",
+        "--passes",
+        "1",
+        "--malloc",
+        "current",
+        "--variants",
+        "ours sym folded",
+        "--bf16",
+    )
+    assert "NIN training step, bf16-mixed, batch 8" in out, out
+    assert "| ours sym folded |" in out and "Peak memory of a training step, bf16-mixed" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qat_overhead_bench_runs_on_a_gpu():
+    out = run_bench(
+        "qat_overhead.py",
+        "--passes",
+        "1",
+        "--malloc",
+        "current",
+        "--variants",
+        "ours sym folded,ours LSQ W4A4",
+        "--device",
+        "cuda",
+        "--bf16",
+    )
+    assert "NIN training step, on cuda, bf16-mixed" in out, out
+    assert "(CUDA's allocated and reserved)" in out and "| ours LSQ W4A4 |" in out, out
+
+
+def test_qat_overhead_bench_refuses_a_device_torch_does_not_see():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    bad = subprocess.run(
+        [sys.executable, "bench/qat_overhead.py", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "sees no CUDA device" in bad.stderr
 
 
 def test_live_tensor_peak_is_the_most_a_step_holds_at_once():
