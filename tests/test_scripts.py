@@ -22,6 +22,13 @@ def run_bench(script: str, *args: str) -> str:
     ).stdout
 
 
+def run_qat_overhead(variants: str, *args: str) -> str:
+    """`run_bench` of qat_overhead.py: one process per variant, these variants beside FP32."""
+    return run_bench(
+        "qat_overhead.py", "--passes", "1", "--malloc", "current", "--variants", variants, *args
+    )
+
+
 def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
     out = run_bench("qat_overhead.py", "--passes", "1", "--malloc", "current")
     for variant in (
@@ -48,34 +55,14 @@ def test_qat_overhead_bench_prints_every_variant_as_a_ratio():
 
 
 def test_qat_overhead_bench_runs_in_bf16_mixed_precision():
-    out = run_bench(
-        "qat_overhead.py",
-        "--passes",
-        "1",
-        "--malloc",
-        "current",
-        "--variants",
-        "ours sym folded",
-        "--bf16",
-    )
+    out = run_qat_overhead("ours sym folded", "--bf16")
     assert "NIN training step, bf16-mixed, batch 8" in out, out
     assert "| ours sym folded |" in out and "Peak memory of a training step, bf16-mixed" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_qat_overhead_bench_runs_on_a_gpu():
-    out = run_bench(
-        "qat_overhead.py",
-        "--passes",
-        "1",
-        "--malloc",
-        "current",
-        "--variants",
-        "ours sym folded,ours LSQ W4A4",
-        "--device",
-        "cuda",
-        "--bf16",
-    )
+    out = run_qat_overhead("ours sym folded,ours LSQ W4A4", "--device", "cuda", "--bf16")
     assert "NIN training step, on cuda, bf16-mixed" in out, out
     assert "(CUDA's allocated and reserved)" in out and "| ours LSQ W4A4 |" in out, out
 
@@ -116,9 +103,7 @@ def test_live_tensor_peak_is_the_most_a_step_holds_at_once():
 
 
 def test_qat_overhead_bench_runs_the_chosen_variants_beside_fp32():
-    out = run_bench(
-        "qat_overhead.py", "--passes", "1", "--malloc", "current", "--variants", "ours LSQ W4A4"
-    )
+    out = run_qat_overhead("ours LSQ W4A4")
     assert "| FP32 |" in out and "| ours LSQ W4A4 |" in out, out
     assert "| ours sym folded |" not in out, out
     bad = subprocess.run(
