@@ -259,12 +259,11 @@ def peak_memory(args: argparse.Namespace) -> tuple[int, int, int]:
     # creates the optimizer's momentum: at batch 2 eagerly, so no large activation is
     # interleaved with what compilation leaves on the heap; compiled models take it at
     # the measured batch, as a recompile for the batch size would be a second compile.
-    first_batch = batch_size if args.compile else min(2, batch_size)
-    if first_batch != batch_size:
-        make_step(model, first_batch, device=args.device, bf16=args.bf16)()
     step = make_step(model, batch_size, args.compile, args.compile_options, args.device, args.bf16)
-    if first_batch == batch_size:
+    if args.compile:
         step()
+    else:
+        make_step(model, min(2, batch_size), device=args.device, bf16=args.bf16)()
     warmed = _status_bytes("VmRSS")
     # Linux resets VmHWM to the current RSS on "5" (proc(5), /proc/pid/clear_refs), so the
     # peak below is the measured steps', not the first step's compilation's.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,16 @@ def run_bench(script: str, *args: str) -> str:
         text=True,
         check=True,
     ).stdout
+
+
+def _bench_function(name: str):
+    """A function of bench/qat_overhead.py (a script, not a package)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import qat_overhead
+    finally:
+        sys.path.pop(0)
+    return getattr(qat_overhead, name)
 
 
 def run_qat_overhead(variants: str, *args: str) -> str:
@@ -60,6 +71,18 @@ def test_qat_overhead_bench_runs_in_bf16_mixed_precision():
     assert "| ours sym folded |" in out and "Peak memory of a training step, bf16-mixed" in out
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_bench_step_runs_its_forward_in_bf16_when_asked(bf16):
+    make_step = _bench_function("make_step")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    dtypes = []
+    model[0].register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    model(torch.randn(1, 3, 32, 32))  # materializes the lazy layer
+    dtypes.clear()
+    make_step(model, batch_size=2, bf16=bf16)()
+    assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_qat_overhead_bench_runs_on_a_gpu():
     out = run_qat_overhead("ours sym folded,ours LSQ W4A4", "--device", "cuda", "--bf16")
@@ -80,11 +103,7 @@ def test_qat_overhead_bench_refuses_a_device_torch_does_not_see():
 
 
 def test_live_tensor_peak_is_the_most_a_step_holds_at_once():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from qat_overhead import live_tensor_peak
-    finally:
-        sys.path.pop(0)
+    live_tensor_peak = _bench_function("live_tensor_peak")
     mib = 2**20
 
     def overlapping() -> None:
