@@ -198,3 +198,81 @@ def test_lowbit_protocol_rows_map_to_their_training_settings(tmp_path):
         "weight_decay" in a or "distill" in a for a in plain
     )
     assert out[-1] == f"-m lightning_qat.report {tmp_path}/lowbit"
+
+
+def _heldout_script():
+    """scripts/heldout_accuracy.py (a script, not a package)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import heldout_accuracy
+    finally:
+        sys.path.pop(0)
+    return heldout_accuracy
+
+
+def test_heldout_images_are_balanced_and_never_trained_on():
+    """The held-out draw is class-balanced, the same every time, and shares no image with
+    the training subset the data module trains on (images numbered by their pixels)."""
+    from lightning_qat.app.data.base import ImageClassificationData
+
+    class Numbered(ImageClassificationData):
+        def load(self, split):
+            n = 1000 if split == "train" else 100
+            number = torch.arange(n)
+            images = torch.stack([number // 256, number % 256], 1).to(torch.uint8)
+            labels = torch.arange(n) * 7 % 10  # classes interleaved, not in blocks
+            return images.reshape(n, 1, 1, 2).expand(n, 1, 2, 2).contiguous(), labels
+
+    data = Numbered(train_subset=300, subset_seed=3)
+    data.setup("fit")
+    trained = data.train_set.images[:, 0, 0].long()
+    trained = set((trained[:, 0] * 256 + trained[:, 1]).tolist())
+    assert len(trained) == 300
+    _, labels = data.load("train")
+    heldout_indices = _heldout_script().heldout_indices
+    held = heldout_indices(labels, 300, 3, 200)
+    assert len(set(held.tolist())) == 200 and not trained & set(held.tolist())
+    assert torch.bincount(labels[held], minlength=10).tolist() == [20] * 10
+    assert torch.equal(held, heldout_indices(labels, 300, 3, 200))
+    with pytest.raises(ValueError, match="exceeds"):
+        heldout_indices(labels, 300, 3, 701)
+
+
+def test_heldout_accuracy_scores_a_run_as_its_test_was_scored(tmp_path):
+    """A digits run on a 600-image subset: the script's test accuracy is the run's own
+    (the checkpoint restored in its fake-quant form), and its held-out score is of 400
+    images the run never trained on."""
+    run = tmp_path / "run_seed0"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "trainer.max_epochs=2",
+            "qat.start_epoch=1",
+            "qat.freeze_bn_epoch=1",
+            "qat.freeze_observer_epoch=1",
+            "+data.train_subset=600",
+            "deploy=null",
+            f"hydra.run.dir={run}",
+            "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = _heldout_script().score_run(run, images=400, with_test=True)
+    assert scores["test_acc_here"] == pytest.approx(scores["test_acc"], abs=1e-4)
+    assert 50 < scores["heldout_acc"] <= 100 and scores["heldout_acc"] * 4 == int(
+        scores["heldout_acc"] * 4
+    )  # a whole number of the 400 images
+    out = subprocess.run(
+        [sys.executable, "scripts/heldout_accuracy.py", str(run), "--images", "400"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"| run | 1 | {scores['heldout_acc']:.2f} | {scores['test_acc']:.2f} |" in out
