@@ -3,6 +3,7 @@ multirun + report, optuna, several loggers at once (W&B offline)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_qat.app.experiment import build_module, register_recipes
+from lightning_qat.app.experiment import build_module, check_experiment, register_recipes
 from lightning_qat.app.module import ImageClassifier
 from lightning_qat.app.report import method
 from lightning_qat.app.run_folder import register_resolvers
@@ -71,6 +72,7 @@ def test_every_recipe_composes_and_instantiates_without_training(composed, recip
     OmegaConf.to_container(OmegaConf.create(job), resolve=True)  # every interpolation resolves
     # a bare `deploy:` in a recipe nulls the group and the run silently skips both exports
     assert cfg.deploy.integer and cfg.deploy.onnx, cfg.deploy
+    check_experiment(cfg)  # every recipe passes the checks a run makes first
     model = instantiate(cfg.model)
     module = build_module(cfg)
     model = module.model
@@ -81,6 +83,28 @@ def test_every_recipe_composes_and_instantiates_without_training(composed, recip
     if cfg.quant is not None:
         callback = instantiate(cfg.qat, OmegaConf.to_container(cfg.quant))
         assert callback.config.weight_bits in (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        (["scheduler=cosine"], "~scheduler.milestones"),  # digits_qat's multistep milestones
+        (
+            ["recipe=resnet20_lowbit_cpu", "scheduler=cosine"],
+            "~scheduler.milestones ~scheduler.gamma",
+        ),
+        (["+optimizer.betas=[0.9,0.99]"], "~optimizer.betas"),  # SGD's config, Adam's key
+    ],
+)
+def test_a_scheduler_or_optimizer_given_foreign_arguments_fails_before_training(
+    composed, overrides, hint
+):
+    cfg = composed(*overrides, "init_checkpoint=x.ckpt")
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        check_experiment(cfg)
+    fixed = composed(*overrides, *hint.split(), "init_checkpoint=x.ckpt")
+    check_experiment(fixed)
+    build_module(fixed)  # the arguments left are ones the constructors take
 
 
 @pytest.mark.parametrize("variant", ["sym_fold", "sym_unfold", "asym_fold", "asym_unfold"])

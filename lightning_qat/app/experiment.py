@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -115,7 +116,11 @@ def check_experiment(cfg: DictConfig) -> None:
     that would crash after training: a QAT variant whose conversion epoch is never reached
     (it would train FP32 only, and the row would still be called by its variant), PTQ
     without a trained float checkpoint (it would calibrate a random model), distillation
-    without one (no teacher), and a QAT run in true half precision."""
+    without one (no teacher), a QAT run in true half precision, and an optimizer or LR
+    schedule given arguments it does not take (a recipe's ``scheduler.milestones`` kept
+    when ``scheduler=cosine`` is chosen on the command line)."""
+    for group in ("optimizer", "scheduler"):
+        check_arguments(cfg.get(group), group)
     ptq = cfg.get("ptq")
     if ptq is not None and cfg.quant is None:
         raise ValueError("ptq needs a quantization scheme: set quant=sym_fold (or another)")
@@ -146,6 +151,30 @@ def check_experiment(cfg: DictConfig) -> None:
             f"trainer.max_epochs={max_epochs}: the run would train in float only and "
             "be reported as a quantized variant; lower qat.start_epoch, raise "
             "trainer.max_epochs, or use quant=none for a float run"
+        )
+
+
+def check_arguments(node: DictConfig | None, group: str) -> None:
+    """Refuse keys of the config ``group`` that its ``_target_`` does not take: Hydra merges
+    a recipe's settings of one choice (multistep's ``milestones``) into another chosen on
+    the command line (``scheduler=cosine``), and the constructor would only fail after the
+    data and the model are set up."""
+    if not node or "_target_" not in node:
+        return
+    target = get_method(node._target_)
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    names = {p.name for p in parameters}
+    unknown = [key for key in node if not key.startswith("_") and key not in names]
+    if unknown:
+        raise ValueError(
+            f"{group}: {node._target_} takes no {', '.join(unknown)} (set by the recipe "
+            f"for another {group}?): drop "
+            + ("it" if len(unknown) == 1 else "them")
+            + " with "
+            + " ".join(f"~{group}.{key}" for key in unknown)
+            + f"; it takes {', '.join(sorted(names - {'params', 'optimizer'}))}"
         )
 
 
