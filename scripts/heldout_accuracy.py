@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     by_setting: dict[str, list[dict]] = defaultdict(list)
     print("| run | held-out acc (%) | test acc (%) |\n|---|---:|---:|")
-    for run in args.runs:
+    for run in dict.fromkeys(args.runs):  # a run named twice (overlapping globs) counts once
         scores = score_run(run, args.images, args.with_test)
         by_setting[setting(run)].append(scores)
         test = scores["test_acc_here"] if args.with_test else scores["test_acc"]
