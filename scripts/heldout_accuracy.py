@@ -30,16 +30,17 @@ from torch.utils.data import DataLoader
 
 
 def heldout_indices(
-    labels: torch.Tensor, train_subset: int, subset_seed: int, size: int
+    labels: torch.Tensor, trained: torch.Tensor, seed: int, size: int
 ) -> torch.Tensor:
-    """Indices into the training split of ``size`` class-balanced images outside the
-    training subset that `ImageClassificationData.setup` draws (``val_size=0``)."""
+    """Indices into the training split of ``size`` class-balanced images (drawn with
+    ``seed``) outside ``trained``, the indices a data module trains on (its
+    ``train_indices``)."""
     from lightning_qat.app.data.tensor_images import balanced_subset
 
-    trained = torch.zeros(len(labels), dtype=torch.bool)
-    trained[balanced_subset(labels, train_subset, subset_seed)] = True
-    unseen = (~trained).nonzero().flatten()
-    return unseen[balanced_subset(labels[unseen], size, subset_seed + 2)]
+    seen = torch.zeros(len(labels), dtype=torch.bool)
+    seen[trained] = True
+    unseen = (~seen).nonzero().flatten()
+    return unseen[balanced_subset(labels[unseen], size, seed)]
 
 
 def last_checkpoint(run: Path) -> Path:
@@ -78,10 +79,9 @@ def score_run(run: Path, images: int, with_test: bool = False) -> dict[str, floa
     module = restore_qat_checkpoint(build_module(cfg), checkpoint)
     data = instantiate(cfg.data)
     data.prepare_data()
+    data.setup("fit")
     train_images, train_labels = data.load("train")
-    held = heldout_indices(
-        train_labels, cfg.data.train_subset, cfg.data.get("subset_seed", 0), images
-    )
+    held = heldout_indices(train_labels, data.train_indices, data.subset_seed + 2, images)
     heldout = data._dataset(train_images[held], train_labels[held], train=False)
     result: dict[str, float | None] = {
         "heldout_acc": accuracy(module, DataLoader(heldout, batch_size=500))

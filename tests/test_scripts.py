@@ -1,5 +1,6 @@
 """The benchmark and the demo run end to end (small settings)."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -23,14 +24,18 @@ def run_bench(script: str, *args: str) -> str:
     ).stdout
 
 
-def _bench_function(name: str):
-    """A function of bench/qat_overhead.py (a script, not a package)."""
-    sys.path.insert(0, str(ROOT / "bench"))
+def _script(folder: str, name: str):
+    """The module of the script ``folder/name.py`` (bench/ and scripts/ are not packages)."""
+    sys.path.insert(0, str(ROOT / folder))
     try:
-        import qat_overhead
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return getattr(qat_overhead, name)
+
+
+def _bench_function(name: str):
+    """A function of bench/qat_overhead.py."""
+    return getattr(_script("bench", "qat_overhead"), name)
 
 
 def run_qat_overhead(variants: str, *args: str) -> str:
@@ -200,16 +205,6 @@ def test_lowbit_protocol_rows_map_to_their_training_settings(tmp_path):
     assert out[-1] == f"-m lightning_qat.report {tmp_path}/lowbit"
 
 
-def _heldout_script():
-    """scripts/heldout_accuracy.py (a script, not a package)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import heldout_accuracy
-    finally:
-        sys.path.pop(0)
-    return heldout_accuracy
-
-
 def test_heldout_images_are_balanced_and_never_trained_on():
     """The held-out draw is class-balanced, the same every time, and shares no image with
     the training subset the data module trains on (images numbered by their pixels)."""
@@ -227,15 +222,15 @@ def test_heldout_images_are_balanced_and_never_trained_on():
     data.setup("fit")
     trained = data.train_set.images[:, 0, 0].long()
     trained = set((trained[:, 0] * 256 + trained[:, 1]).tolist())
-    assert len(trained) == 300
+    assert len(trained) == 300 and trained == set(data.train_indices.tolist())
     _, labels = data.load("train")
-    heldout_indices = _heldout_script().heldout_indices
-    held = heldout_indices(labels, 300, 3, 200)
+    heldout_indices = _script("scripts", "heldout_accuracy").heldout_indices
+    held = heldout_indices(labels, data.train_indices, 5, 200)
     assert len(set(held.tolist())) == 200 and not trained & set(held.tolist())
     assert torch.bincount(labels[held], minlength=10).tolist() == [20] * 10
-    assert torch.equal(held, heldout_indices(labels, 300, 3, 200))
+    assert torch.equal(held, heldout_indices(labels, data.train_indices, 5, 200))
     with pytest.raises(ValueError, match="exceeds"):
-        heldout_indices(labels, 300, 3, 701)
+        heldout_indices(labels, data.train_indices, 5, 701)
 
 
 def test_heldout_accuracy_scores_a_run_as_its_test_was_scored(tmp_path):
@@ -263,7 +258,7 @@ def test_heldout_accuracy_scores_a_run_as_its_test_was_scored(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = _heldout_script().score_run(run, images=400, with_test=True)
+    scores = _script("scripts", "heldout_accuracy").score_run(run, images=400, with_test=True)
     assert scores["test_acc_here"] == pytest.approx(scores["test_acc"], abs=1e-4)
     assert 50 < scores["heldout_acc"] <= 100 and scores["heldout_acc"] * 4 == int(
         scores["heldout_acc"] * 4

@@ -59,6 +59,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.train_set = self.val_set = self.test_set = None
+        self.train_indices: torch.Tensor | None = None
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, C, H, W) and int labels of ``split`` ("train" or "test")."""
@@ -90,6 +91,7 @@ class ImageClassificationData(L.LightningDataModule):
             self.val_set = self._dataset(images[val], labels[val], train=False)
         if self.train_subset:
             keep = keep[balanced_subset(labels[keep], self.train_subset, self.subset_seed)]
+        self.train_indices = keep  # into the training split: what the model trains on
         self.train_set = self._dataset(images[keep], labels[keep], train=True)
         self.test_set = self._dataset(test_images, test_labels, train=False)
         if self.val_set is None:
