@@ -317,11 +317,11 @@ def test_mse_calibration_quantizes_each_tensor_with_less_error_than_minmax():
     assert errors["mse"] < 0.7 * errors["minmax"], errors
 
 
-def run_lsq(tmp_path, name, start_epoch=1, ckpt_path=None, max_epochs=4):
+def run_lsq(tmp_path, name, start_epoch=1, ckpt_path=None, max_epochs=4, config=LSQ_W4A4):
     L.seed_everything(0, verbose=False)
     module = DigitsClassifier(arch="resnet8")
     callback = QuantizationAwareTraining(
-        LSQ_W4A4,
+        config,
         start_epoch=start_epoch,
         freeze_bn_epoch=2,
         freeze_observer_epoch=3,

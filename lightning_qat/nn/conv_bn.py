@@ -39,6 +39,16 @@ class QuantConvBnMixin(QuantizedLayerMixin):
     output above (algebra: ``γ (z - μ_B) / σ_B + β``). So the correction costs one
     convolution, not the two of figure 8 (torch.ao's ``ConvBn2d`` does the same).
 
+    With learned step sizes in the weight's units (``QuantConfig(learn_scale=True,
+    folded_step_units="weight")``) the quantizer learns the step ``s`` of ``w`` and the
+    folded weight is quantized on the grid ``s |f|`` per output channel:
+    ``Q(w_fold) = f · s · round(w / s) = f · Q(w)`` (codes mirrored where ``f < 0``, as
+    the export writes them). Its codes no longer move when the running statistics or
+    ``γ`` move ``f``, the batch-corrected output is ``BN_batch(conv(x, Q(w)) + b)``
+    (the unfolded layer's, LSQ on ``w``), and after the freeze and in eval the layer
+    computes, and deploys, ``conv(x, f · Q(w)) + Q_b(folded bias)`` with the bias on the
+    int32 grid of scale ``s_x s |f|``.
+
     ``bn`` is the `FoldedBatchNorm2d` holding the BatchNorm's Parameters and statistics.
     After `prepare_qat` it stays registered where the BatchNorm stood (same state_dict
     keys, same parameter order) and this layer only refers to it; a layer built on its own
@@ -70,6 +80,10 @@ class QuantConvBnMixin(QuantizedLayerMixin):
             )
         self._init_quantizers(config, quantize_input, self.out_channels)
         self.bn_frozen = False
+        config = config or QuantConfig()
+        #: the weight quantizer learns the step of ``w``, not of ``w · f`` (see the class
+        #: docstring); part of the layer's state, so a checkpoint restores it
+        self.step_in_weight_units = config.learn_scale and config.folded_step_units == "weight"
 
     @classmethod
     def from_float(
@@ -113,8 +127,26 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         return values.reshape(1, -1, *[1] * (self.weight.dim() - 2))
 
     def weight_to_quantize(self) -> torch.Tensor:
-        """The folded weight ``w · f`` the weight quantizer sees (running statistics)."""
+        """The weight the weight quantizer sees: the folded weight ``w · f`` (running
+        statistics), or ``w`` where its step is learned in the weight's units."""
+        if self.step_in_weight_units:
+            return self.weight
         return self.weight * self._per_channel(self.fold_factor())
+
+    def grid_factor(self, factor: torch.Tensor) -> torch.Tensor | None:
+        """What the weight quantizer's scales are multiplied by on the folded weight's
+        grid: ``|f|`` per channel in the weight's units (1 where ``f = 0``: a channel
+        with no output keeps its scale, as the export does), None otherwise."""
+        if not self.step_in_weight_units:
+            return None
+        magnitude = factor.abs()
+        return torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude)
+
+    def quantized_folded_weight(self, factor: torch.Tensor) -> torch.Tensor:
+        """``Q(w · f)`` on the folded weight's grid: ``f · Q(w)`` in the weight's units."""
+        if self.step_in_weight_units:
+            return self.weight_quantizer(self.weight) * self._per_channel(factor)
+        return self.weight_quantizer(self.weight * self._per_channel(factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a pruned BN's weight is set by its own hook when the BN is called, after this
@@ -123,8 +155,13 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         x = self.input_on_grid(x)
         if not self.training or self.bn_frozen:
             factor = self.fold_factor()
-            weight = self.weight_quantizer(self.weight * self._per_channel(factor))
-            return self._conv_forward(x, weight, self.quantized_bias(self.folded_bias(factor)))
+            weight = self.quantized_folded_weight(factor)
+            grid_factor = self.grid_factor(factor)
+            weight_scale = None
+            if grid_factor is not None:
+                weight_scale = self.weight_quantizer.scale.reshape(-1) * grid_factor
+            bias = self.quantized_bias(self.folded_bias(factor), weight_scale)
+            return self._conv_forward(x, weight, bias)
         # Before the freeze, z = conv(x, Q(w·f)) / f equals conv(x, w) in float arithmetic,
         # whatever γ is: the fold and the division cancel. So f is a constant for autograd
         # here; γ gets its gradient through BN alone, as in the float Conv->BN, and the
@@ -132,7 +169,7 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         factor = self.fold_factor().detach()
         if torch.compiler.is_compiling():
             factor = _saved_for_backward(factor)
-        weight = self.weight_quantizer(self.weight * self._per_channel(factor))
+        weight = self.quantized_folded_weight(factor)
         y = self._conv_forward(x, weight, None)
         # γ = 0 makes f = 0 and Q(w_fold) = 0; dividing by 1 instead keeps z finite and BN
         # then outputs β, as the float Conv->BN would.
@@ -142,13 +179,16 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         return self.bn.normalize_rescaled(y, self._per_map(inv_factor), bias)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"bn_frozen": self.bn_frozen}
+        return {"bn_frozen": self.bn_frozen, "step_in_weight_units": self.step_in_weight_units}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bn_frozen = bool(state["bn_frozen"])
+        # checkpoints from before the option learned in the folded weight's units
+        self.step_in_weight_units = bool(state.get("step_in_weight_units", False))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bn_frozen={self.bn_frozen}"
+        units = ", step_in_weight_units=True" if self.step_in_weight_units else ""
+        return super().extra_repr() + f", bn_frozen={self.bn_frozen}{units}"
 
 
 def _saved_for_backward(factor: torch.Tensor) -> torch.Tensor:

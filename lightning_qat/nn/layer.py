@@ -44,10 +44,15 @@ class QuantizedLayerMixin:
         """The input on its grid: quantized here, or already upstream."""
         return x if self.input_quantized_upstream else self.activation_quantizer(x)
 
-    def quantized_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+    def quantized_bias(
+        self, bias: torch.Tensor | None, weight_scale: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The bias as the integer model adds it: on the int32 grid of scale ``s_x s_w``
         (`lightning_qat.quant.quantize_bias`), once the weights are fake-quantized (call
-        after the weight quantizer, whose scales it reads)."""
+        after the weight quantizer, whose scales it reads; ``weight_scale``: the scales
+        of the weight the layer multiplies with, where they are not the quantizer's)."""
         if bias is None or not self.weight_quantizer.fake_quant_enabled:
             return bias
-        return quantize_bias(bias, self.activation_quantizer.scale, self.weight_quantizer.scale)
+        if weight_scale is None:
+            weight_scale = self.weight_quantizer.scale
+        return quantize_bias(bias, self.activation_quantizer.scale, weight_scale)

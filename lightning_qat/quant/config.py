@@ -9,6 +9,7 @@ from typing import Any
 
 OBSERVERS = ("ema", "minmax")
 SCALE_INITS = ("minmax", "mse", "lsq")
+FOLDED_STEP_UNITS = ("folded", "weight")
 MIN_BITS, MAX_BITS = 2, 8
 #: `QuantConfig.layer_bits` patterns naming the first and the last quantized layer (in
 #: call order) whatever the model calls them: the low-bit protocol keeps both at 8 bits.
@@ -70,6 +71,16 @@ class QuantConfig:
             path) kept ResNet-20 W2A2 steadier over three seeds (README). Off lets 5- to
             8-bit steps track weights that grow a lot, as in QAT from random weights
             (see `lightning_qat.quant.learned_fake_quantize.high_bits_damping`).
+        folded_step_units: with ``learn_scale`` and ``bn_fold``, the units in which a
+            folded weight's step size is learned. ``"folded"`` (default): the step of the
+            folded weight ``w γ/σ_running`` as the quantizer sees it. ``"weight"``: the
+            step ``s`` of ``w``; the folded weight is quantized on the grid
+            ``s |γ/σ_running|`` (per output channel), so its codes ``round(w / s)`` do
+            not move when the BatchNorm's statistics or ``γ`` do, and the layer trains
+            as the unfolded one (LSQ on ``w``, the BatchNorm after it) while it deploys
+            as folded (see `lightning_qat.nn.QuantConvBn2d`). Without ``learn_scale``
+            the choice changes nothing: an observed per-channel range follows the
+            folded weight every step.
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
@@ -110,6 +121,7 @@ class QuantConfig:
     learn_scale: bool = False
     scale_init: str = "mse"
     high_bits_damping: bool | str = True
+    folded_step_units: str = "folded"
     layer_bits: dict[str, Any] = field(default_factory=dict)
     residual_bits: int | None = None
     weight_narrow_range: bool = True
@@ -148,6 +160,11 @@ class QuantConfig:
         if self.scale_init not in SCALE_INITS:
             raise ValueError(
                 f"QuantConfig.scale_init={self.scale_init!r} is not one of {', '.join(SCALE_INITS)}"
+            )
+        if self.folded_step_units not in FOLDED_STEP_UNITS:
+            raise ValueError(
+                f"QuantConfig.folded_step_units={self.folded_step_units!r} is not one of "
+                f"{', '.join(FOLDED_STEP_UNITS)}"
             )
         self.layer_bits = _checked_layer_bits(self.layer_bits)
         if self.observer not in OBSERVERS:
