@@ -18,10 +18,15 @@ below 2^24 in magnitude. For each layer the bound ``A · max_c Σ_k |q_w - z_w|`
 largest ``|q_x - z_x|`` its input grid allows) is checked once; where it is too large the
 weights are split into signed base-``2^b`` digits, ``W = Σ_j 2^(b j) D_j``, each digit's
 convolution exact, and the digits' int64 results recombined. No rounding ever happens
-in the accumulation (tested against float64).
+in the accumulation (tested against float64). That holds on the CPU: cuDNN's convolution
+algorithms (Winograd, FFT) and TF32 round, so the model is built and runs there whatever
+device the QAT model trained on; inputs move to the CPU and outputs back.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -441,15 +446,15 @@ class IntegerModel(nn.Module):
         self.output_grid = deployment.grids.get(deployment.output)
 
     def codes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every value the model computes (integer codes or float), by name."""
-        values = {self.input_name: x}
+        """Every value the model computes (integer codes or float), by name, on the CPU."""
+        values = {self.input_name: x.cpu()}
         for step, names, value in zip(self.steps, self.inputs, self.values, strict=True):
             values[value] = step(*(values[n] for n in names))
         return values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.codes(x)[self.output_name]
-        return _Codes.dequantize(out, self.output_grid).float()
+        return _Codes.dequantize(out, self.output_grid).float().to(x.device)
 
 
 @torch.no_grad()
@@ -463,4 +468,18 @@ def to_integer(model: nn.Module) -> IntegerModel:
         ValueError: an op the integer model cannot run (named with its module path), or a
             layer that never observed its input.
     """
-    return IntegerModel(plan_deployment(model))
+    return IntegerModel(_on_cpu(plan_deployment(model)))
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` (a plan, its steps, their fields) with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    return value
