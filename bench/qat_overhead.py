@@ -21,7 +21,8 @@ share an allocator and hide each other's peaks), with two figures as ratios to F
 the tensors live at the step's peak (torch's profiler adds up every allocation and free
 of one step: the allocator's habits do not enter it, as CUDA's ``max_memory_allocated``
 on a GPU), and the process's resident peak over ``--memory-steps`` steps above its state
-after a first step. That first step is a one-time cost, reported in a column of its own:
+after a first step (on a GPU: the most the caching allocator reserved in the steps, from
+before the model was made, since it keeps what the first step reserved). That first step is a one-time cost, reported in a column of its own:
 it compiles the CPU fake-quant pass (or, with ``--compile``, the model), whose code,
 imports and transient peak are not the step's. Eager processes take it at batch 2, so
 the measured steps start from a heap that large activations have not shaped.
@@ -280,7 +281,9 @@ def cuda_peak_memory(
 ) -> tuple[int, int, int]:
     """`peak_memory` on a GPU, from the CUDA caching allocator's counters: the most bytes
     allocated at once in the steps above those allocated before them, the most reserved
-    above what the first step left reserved, and what that first step reserved."""
+    in the steps (the whole training footprint: the caching allocator keeps what the
+    first step reserved, so an increase over it is 0 for every variant), and what that
+    first step reserved."""
     before = torch.cuda.memory_reserved()
     step = make_step(model, batch_size, args.compile, args.compile_options, args.device, args.bf16)
     step()  # compiles (with --compile) and creates the optimizer's momentum
@@ -289,7 +292,7 @@ def cuda_peak_memory(
     for _ in range(args.memory_steps):
         step()
     live = torch.cuda.max_memory_allocated() - allocated
-    return live, torch.cuda.max_memory_reserved() - reserved, reserved - before
+    return live, torch.cuda.max_memory_reserved() - before, reserved - before
 
 
 def live_tensor_peak(step: Callable[[], None]) -> int:
@@ -342,10 +345,15 @@ def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
     for name, (live, resident, first) in peaks.items():
         if live:
             print(
-                f"| {name} | {live / 2**20:.0f} | {live / base_live:.2f}x "
-                f"| {resident / 2**20:.0f} | {resident / base_resident:.2f}x "
+                f"| {name} | {live / 2**20:.0f} | {_ratio(live, base_live)} "
+                f"| {resident / 2**20:.0f} | {_ratio(resident, base_resident)} "
                 f"| {first / 2**20:.0f} |"
             )
+
+
+def _ratio(value: int, base: int) -> str:
+    """``value / base`` as ``1.23x``; ``-`` where FP32's figure is 0 (nothing to divide by)."""
+    return f"{value / base:.2f}x" if base else "-"
 
 
 def step_times(args: argparse.Namespace) -> tuple[list[float], list[float], list[float]]:
