@@ -13,10 +13,16 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import torch, lightning, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'onnxruntime', o.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
-timeout "${TEST_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -rA \
-  tests/test_cuda.py \
-  tests/test_nonfinite.py::test_on_a_gpu_the_guard_defers_and_skips_alike \
-  tests/test_scripts.py::test_qat_overhead_bench_runs_on_a_gpu 2>&1 | tee "$OUT/tests.log" | tail -40
-timeout 90 python3 train.py hydra.run.dir=/tmp/gpu_check_run 2>&1 | tee "$OUT/run.log" | tail -12
-timeout "${BENCH_SECONDS:-120}" python3 bench/qat_overhead.py --device cuda --passes 1 --rounds 40 --malloc current \
-  --warmup 10 --variants "ours sym folded,ours LSQ W4A4" 2>&1 | tee "$OUT/bench.log" | tail -25
+# TESTS: the tests to run (default: every CUDA-only one); APP=0 skips the default job
+TESTS=${TESTS:-tests/test_cuda.py tests/test_nonfinite.py::test_on_a_gpu_the_guard_defers_and_skips_alike tests/test_scripts.py::test_qat_overhead_bench_runs_on_a_gpu}
+# shellcheck disable=SC2086
+timeout "${TEST_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -rA $TESTS 2>&1 \
+  | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR|E  )|passed|failed" | head -60
+if [ "${APP:-1}" = 1 ]; then
+  timeout 90 python3 train.py hydra.run.dir=/tmp/gpu_check_run 2>&1 | tee "$OUT/run.log" | tail -12
+fi
+for batch in ${BENCH_BATCHES:-128 1024}; do
+  timeout "${BENCH_SECONDS:-90}" python3 bench/qat_overhead.py --device cuda --passes 1 \
+    --rounds 40 --warmup 10 --malloc current --batch-size "$batch" \
+    --variants "ours sym folded,ours LSQ W4A4" 2>&1 | tee "$OUT/bench$batch.log" | grep "|"
+done
