@@ -22,9 +22,10 @@ the tensors live at the step's peak (torch's profiler adds up every allocation a
 of one step: the allocator's habits do not enter it, as CUDA's ``max_memory_allocated``
 on a GPU), and the process's resident peak over ``--memory-steps`` steps above its state
 after a first step (on a GPU: the most the caching allocator reserved in the steps, from
-before the model was made, since it keeps what the first step reserved). That first step is a one-time cost, reported in a column of its own:
-it compiles the CPU fake-quant pass (or, with ``--compile``, the model), whose code,
-imports and transient peak are not the step's. Eager processes take it at batch 2, so
+before the model was made, since it keeps what the first step reserved). That first step
+is a one-time cost, reported in a column of its own: it compiles the CPU fake-quant pass
+(or, with ``--compile``, the model), whose code, imports and transient peak are not the
+step's. Eager processes take it at batch 2, so
 the measured steps start from a heap that large activations have not shaped.
 
 ``--compile`` compiles each model with ``torch.compile`` (inductor) first and compares
@@ -162,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of the memory runs")
     parser.add_argument("--memory-only", action="store_true", help="the memory table alone")
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="instead of timing: operator calls and host reads per step (what a GPU "
+        "step launches and waits for), from torch's profiler",
+    )
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # one variant's memory run
     parser.add_argument("--time-of", help=argparse.SUPPRESS)  # one variant's timing run
     parser.add_argument(
@@ -179,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.time_of:
         for row in step_times(args):  # wall seconds, kernel seconds, MB faulted in
             print(" ".join(f"{value:.6f}" for value in row))
+        return
+    if args.ops:
+        ops_table(args)
         return
     if args.malloc == "current":
         if not args.memory_only:
@@ -293,6 +303,52 @@ def cuda_peak_memory(
         step()
     live = torch.cuda.max_memory_allocated() - allocated
     return live, torch.cuda.max_memory_reserved() - before, reserved - before
+
+
+#: Operators that read a tensor's value on the host: on a GPU each waits for the device.
+HOST_READS = ("aten::item", "aten::_local_scalar_dense")
+
+
+def operator_calls(step: Callable[[], None]) -> tuple[int, int]:
+    """``(operators, host reads)`` of one ``step()``: the aten operators called from
+    Python or autograd (those not called inside another aten operator: on a GPU each
+    launches at least one kernel) and the host reads (`HOST_READS`) anywhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    events = profiler.events()
+    outer = sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    return outer, sum(1 for e in events if e.name == HOST_READS[0])
+
+
+def ops_table(args: argparse.Namespace) -> None:
+    """Operator calls and host reads of one training step of each variant, in this
+    process, on the CPU with torch's kernels, as on a GPU (the CPU's compiled
+    fake-quant pass, which fuses some, is turned off; nothing is timed, so one process
+    holds every variant). The host reads include one per observer per step that only the
+    CPU makes (its non-finite warning; on a GPU the counter is read once an epoch)."""
+    os.environ["LIGHTNING_QAT_COMPILED_KERNELS"] = "0"
+    widths, batch_size = _sizes(args)
+    print(
+        f"\nOperators called in one NIN training step, batch {batch_size}, torch's kernels "
+        "(as on a GPU)"
+    )
+    print("| variant | aten operators | ratio to FP32 | host reads |")
+    print("|---|---:|---:|---:|")
+    base = None
+    for name, build in _variants(args, widths).items():
+        step = make_step(build(), batch_size, bf16=args.bf16)
+        step()  # the first step starts learning, makes momentum, compiles kernels
+        step()
+        operators, reads = operator_calls(step)
+        base = base or operators
+        print(f"| {name} | {operators} | {operators / base:.2f}x | {reads} |")
 
 
 def live_tensor_peak(step: Callable[[], None]) -> int:

@@ -88,6 +88,27 @@ def test_the_bench_step_runs_its_forward_in_bf16_when_asked(bf16):
     assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
 
 
+def test_qat_overhead_bench_counts_the_operators_a_step_calls():
+    out = run_bench("qat_overhead.py", "--quick", "--ops", "--variants", "ours sym folded")
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in out.splitlines()
+        if line.startswith("| FP32") or line.startswith("| ours")
+    }
+    assert rows["FP32"][1:] == ["1.00x", "0"], out
+    # per layer: observers, fake quantization, the fold and their backward
+    assert int(rows["ours sym folded"][0]) > 3 * int(rows["FP32"][0]), out
+    assert int(rows["ours sym folded"][2]) > 0, out  # torch's per-channel range check
+
+
+def test_operator_calls_counts_outer_operators_and_host_reads():
+    operator_calls = _bench_function("operator_calls")
+    x = torch.ones(4)
+    # three outer operators (add, sum, item: item's inner _local_scalar_dense is not
+    # counted) and one host read
+    assert operator_calls(lambda: (x + 1).sum().item()) == (3, 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_qat_overhead_bench_runs_on_a_gpu():
     out = run_qat_overhead("ours sym folded,ours LSQ W4A4", "--device", "cuda", "--bf16")
