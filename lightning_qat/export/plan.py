@@ -414,7 +414,15 @@ def _layer(
         weights = (codes.flip(2, 3), scale, zero_point, weight.flip(2, 3), bias)
         conv_args.update(stride=(1, 1), padding=_transposed_padding(module))
     return _layer_step(
-        name, module.weight_quantizer, weights, grid, output_grid, inputs, value, conv_args
+        name,
+        module.weight_quantizer,
+        weights,
+        grid,
+        output_grid,
+        inputs,
+        value,
+        conv_args,
+        getattr(module, "bias_grid_refinement", 1),
     )
 
 
@@ -436,10 +444,20 @@ def _layer_step(
     inputs: tuple[str, ...],
     value: str,
     conv_args: dict | None = None,
+    refinement: int = 1,
 ) -> QuantizedLayer:
     """The step of a layer whose weights (``(codes, scale, zero_point, float weight,
-    float bias)``, as `_weight_codes` gives them) ``quantizer`` quantized."""
+    float bias)``, as `_weight_codes` gives them) ``quantizer`` quantized.
+
+    ``refinement`` (`QuantConfig.fine_bias_grid`, symmetric weights): the codes are
+    stored times ``r`` and the scale divided by it, ``(r q) (s_w / r)``, the same
+    weights on int8 codes (still ``2^b`` levels), so that the accumulator's grid, and
+    the bias on it, are ``r`` times finer."""
     codes, s_w, z_w, weight, bias = weights
+    qmin, qmax = quantizer.quant_min, quantizer.quant_max
+    if refinement > 1:
+        codes, s_w = codes * refinement, s_w / refinement
+        qmin, qmax = -128, 127
     fitted = _fit_bias_in_int32(bias, grid.scale, s_w)
     if not torch.equal(fitted, s_w):  # a dead channel: its codes on the coarser scale
         shape = (-1, *[1] * (weight.dim() - 1))
@@ -448,8 +466,8 @@ def _layer_step(
             weight,
             fitted.reshape(shape) if fitted.dim() else fitted,
             z_w.reshape(shape) if z_w.dim() else z_w,
-            quantizer.quant_min,
-            quantizer.quant_max,
+            qmin,
+            qmax,
         )
         codes = torch.where(changed, recoded, codes)
         s_w = fitted
@@ -464,8 +482,8 @@ def _layer_step(
         weight_codes=codes,
         weight_scale=s_w,
         weight_zero_point=z_w,
-        weight_qmin=quantizer.quant_min,
-        weight_qmax=quantizer.quant_max,
+        weight_qmin=qmin,
+        weight_qmax=qmax,
         bias=bias_codes(bias.float(), accumulator_scale).to(torch.int64),
         input_grid=grid,
         output_grid=output_grid,

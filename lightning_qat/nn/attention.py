@@ -76,6 +76,7 @@ class QuantMultiheadAttention(QuantizedLayerMixin, nn.MultiheadAttention):
             raise ValueError(f"QuantMultiheadAttention: {reason} is not supported")
         config = config or QuantConfig()
         self._init_quantizers(config, quantize_input, 3 * embed_dim)
+        self.bias_grid_refinement = 1  # (`QuantConfig.fine_bias_grid`: convolutions, linears)
         device = self.in_proj_weight.device
         self.self_attention = self_attention
         if not self_attention:

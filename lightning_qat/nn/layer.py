@@ -31,6 +31,8 @@ class QuantizedLayerMixin:
             FakeQuantize.for_activations(config).enable_fake_quant(quantize_input).to(device)
         )
         self.weight_quantizer = FakeQuantize.for_weights(config, out_channels).to(device)
+        #: how much finer than ``s_x s_w`` the bias grid is (`QuantConfig.fine_bias_grid`)
+        self.bias_grid_refinement = bias_grid_refinement(config)
         #: True where a quantizer upstream (the one ``activation_quantizer`` refers to)
         #: already put the input on its grid (set by `prepare_qat` on graphs where several
         #: ops read the tensor): the layer does not quantize it again.
@@ -55,4 +57,18 @@ class QuantizedLayerMixin:
             return bias
         if weight_scale is None:
             weight_scale = self.weight_quantizer.scale
-        return quantize_bias(bias, self.activation_quantizer.scale, weight_scale)
+        return quantize_bias(
+            bias,
+            self.activation_quantizer.scale,
+            weight_scale,
+            getattr(self, "bias_grid_refinement", 1),
+        )
+
+
+def bias_grid_refinement(config: QuantConfig) -> int:
+    """``2^(8-b)`` for symmetric ``b``-bit weights with ``fine_bias_grid``, else 1: the
+    factor by which the exported int8 weight codes are scaled up and the bias grid
+    refined (see `QuantConfig.fine_bias_grid`)."""
+    if not config.fine_bias_grid or not config.symmetric or config.weight_bits >= 8:
+        return 1
+    return 2 ** (8 - config.weight_bits)

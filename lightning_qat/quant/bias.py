@@ -11,9 +11,13 @@ def bias_codes(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_bias(
-    bias: torch.Tensor | None, input_scale: torch.Tensor, weight_scale: torch.Tensor
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    refinement: int = 1,
 ) -> torch.Tensor | None:
-    """``b_hat = s_b · round(b / s_b)`` with ``s_b = s_x s_w``, straight-through.
+    """``b_hat = s_b · round(b / s_b)`` with ``s_b = s_x s_w / refinement``, straight-through
+    (``refinement``: a power of two, `QuantConfig.fine_bias_grid`).
 
     Jacob et al. 2018, section 2.4: the integer model adds the bias to the int32
     accumulator, so it is an int32 with scale ``s_x s_w`` (per output channel for
@@ -25,7 +29,8 @@ def quantize_bias(
     """
     if bias is None:
         return None
-    scale = (input_scale * weight_scale).to(bias.dtype)
+    # (a power of two: dividing by it is exact, as the export's scale s_w / refinement is)
+    scale = (input_scale * weight_scale).to(bias.dtype) / refinement
     rounded = (bias_codes(bias, scale) * scale.double()).to(bias.dtype)
     if torch.is_grad_enabled() and bias.requires_grad:
         return _StraightThrough.apply(bias, rounded)

@@ -81,6 +81,16 @@ class QuantConfig:
             as folded (see `lightning_qat.nn.QuantConvBn2d`). Without ``learn_scale``
             the choice changes nothing: an observed per-channel range follows the
             folded weight every step.
+        fine_bias_grid: put the int32 bias of a layer with symmetric weights below 8 bits
+            on a grid ``2^(8-b)`` times finer than ``s_x s_w`` (Jacob et al. 2018, section
+            2.4, gives ``s_x s_w``). The export stores the ``b``-bit weight codes times
+            ``2^(8-b)`` (still ``2^b`` levels, in int8) with scale ``s_w / 2^(8-b)``: the
+            int8 kernels and the int32 sums are as before (far from overflow at these
+            widths) and the accumulator, with its bias, gains that resolution. At 2 bits
+            ``s_x s_w`` is coarse: a folded BatchNorm's shift rounded onto it moves outputs
+            by up to a twentieth of an output step, enough to cost ResNet-20 W2A2 a point
+            or more (README); 64 times finer, it costs nothing measurable. The training
+            forward rounds on the same grid, so the export stays bit for bit.
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
@@ -122,6 +132,7 @@ class QuantConfig:
     scale_init: str = "mse"
     high_bits_damping: bool | str = True
     folded_step_units: str = "folded"
+    fine_bias_grid: bool = False
     layer_bits: dict[str, Any] = field(default_factory=dict)
     residual_bits: int | None = None
     weight_narrow_range: bool = True
@@ -139,6 +150,7 @@ class QuantConfig:
             "quantize_first_input",
             "learn_scale",
             "weight_narrow_range",
+            "fine_bias_grid",
             "strict",
         ):
             if not isinstance(getattr(self, name), bool):
