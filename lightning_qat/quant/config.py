@@ -87,10 +87,9 @@ class QuantConfig:
             ``2^(8-b)`` (still ``2^b`` levels, in int8) with scale ``s_w / 2^(8-b)``: the
             int8 kernels and the int32 sums are as before (far from overflow at these
             widths) and the accumulator, with its bias, gains that resolution. At 2 bits
-            ``s_x s_w`` is coarse: a folded BatchNorm's shift rounded onto it moves outputs
-            by up to a twentieth of an output step, enough to cost ResNet-20 W2A2 a point
-            or more (README); 64 times finer, it costs nothing measurable. The training
-            forward rounds on the same grid, so the export stays bit for bit.
+            ``s_x s_w`` is coarse: a folded BatchNorm's shift rounded onto it cost
+            ResNet-20 W2A2 a point and more (README). The training forward rounds on the
+            same grid, so the export stays bit for bit.
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
