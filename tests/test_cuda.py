@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
+from test_learned_scale import LSQ_W4A4
 from torch import nn
 
 from lightning_qat import QuantConfig, QuantizationAwareTraining, prepare_qat, quantizers
@@ -17,13 +18,6 @@ from lightning_qat.export import OnnxRuntimeModel, evaluate_deployment, to_integ
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-LSQ_W4A4 = QuantConfig(
-    weight_bits=4,
-    activation_bits=4,
-    learn_scale=True,
-    activation_symmetric=False,
-    layer_bits={"@first": 8, "@last": 8},
-)
 CONFIGS = {
     "w8a8": QuantConfig(),
     "w8a8-asym-unfolded": QuantConfig(symmetric=False, bn_fold=False),

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 from qat_digits import train_qat_digits
-from test_learned_scale import float_trained_resnet8
+from test_learned_scale import LSQ_W4A4, float_trained_resnet8
 from torch import nn
 
 from lightning_qat import QuantConfig
@@ -15,14 +15,12 @@ from lightning_qat.export.plan import QuantizedLayer, plan_deployment
 from lightning_qat.nn import QuantConv2d
 from lightning_qat.nn.layer import bias_grid_refinement
 
-W2A2 = QuantConfig(
+W2A2 = dataclasses.replace(
+    LSQ_W4A4,
     weight_bits=2,
     activation_bits=2,
-    learn_scale=True,
-    activation_symmetric=False,
     quantize_first_input=True,
     weight_narrow_range=False,
-    layer_bits={"@first": 8, "@last": 8},
 )
 
 

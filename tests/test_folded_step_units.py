@@ -145,15 +145,13 @@ def test_a_residual_network_with_weight_unit_steps_deploys_as_it_computes(bits, 
     """ResNet-8 fine-tuned with LSQ, steps in the weight's units, BN frozen for the last
     epoch: the integer reference and onnxruntime compute the fake-quant model's top-1
     (each negative-gamma channel's codes mirrored, every scale multiplied by |f|)."""
-    config = QuantConfig(
+    config = dataclasses.replace(
+        LSQ_W4A4,
         weight_bits=bits,
         activation_bits=bits,
-        learn_scale=True,
-        activation_symmetric=False,
         quantize_first_input=True,
         weight_narrow_range=False,
         folded_step_units="weight",
-        layer_bits={"@first": 8, "@last": 8},
     )
     float_model = float_trained_resnet8()
     with torch.no_grad():  # a negative gamma somewhere: the mirrored codes are exercised
