@@ -89,7 +89,8 @@ class QuantConfig:
             widths) and the accumulator, with its bias, gains that resolution. At 2 bits
             ``s_x s_w`` is coarse: a folded BatchNorm's shift rounded onto it cost
             ResNet-20 W2A2 a point and more (README). The training forward rounds on the
-            same grid, so the export stays bit for bit.
+            same grid, so the export stays bit for bit. For deploying unfolded
+            BatchNorms: in folded ResNet-20 W2A2 training it cost about a point (README).
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
