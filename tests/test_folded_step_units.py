@@ -41,10 +41,9 @@ def weight_codes(layer):
     with torch.no_grad():
         factor = layer.fold_factor()
         quantized = layer.quantized_folded_weight(factor)
-        scale = layer.weight_quantizer.scale.detach().reshape(-1)
-        grid_factor = layer.grid_factor(factor)
-        if grid_factor is not None:
-            scale = scale * grid_factor
+        scale = layer.folded_weight_scale(factor)
+        if scale is None:
+            scale = layer.weight_quantizer.scale.detach().reshape(-1)
         return torch.round(quantized / scale.reshape(-1, 1, 1, 1))
 
 

@@ -308,17 +308,15 @@ def _weight_codes(
     quantizer = layer.weight_quantizer
     # output channels first (a transposed convolution stores its weight input first)
     weight = layer.weight_to_quantize()
-    if isinstance(layer, QuantConvBnMixin) and layer.step_in_weight_units:
-        # codes of w on its learned step, then its BatchNorm folded into the scales (the
-        # layer's own grid: `QuantConvBn2d`), exactly as for an unfolded BatchNorm
-        if following_bn is not None:
-            raise ValueError("export: a BatchNorm after a folded layer")
-        following_bn = layer.bn
-        bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
-    elif isinstance(layer, QuantConvBnMixin):
+    if isinstance(layer, QuantConvBnMixin) and not layer.step_in_weight_units:
         bias = layer.folded_bias(layer.fold_factor())
     else:
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
+    if isinstance(layer, QuantConvBnMixin) and layer.step_in_weight_units:
+        # codes of w on its learned step, then its own BatchNorm folded into the scales
+        # (the layer's grid, `QuantConvBn2d`), as for an unfolded BatchNorm (the planner
+        # refuses a BatchNorm after a folded layer)
+        following_bn = layer.bn
     shape = (-1, *[1] * (weight.dim() - 1))
     # an eval forward computes the scales of the current weights where observing
     fake = quantizer(weight).double()

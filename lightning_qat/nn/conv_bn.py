@@ -133,14 +133,15 @@ class QuantConvBnMixin(QuantizedLayerMixin):
             return self.weight
         return self.weight * self._per_channel(self.fold_factor())
 
-    def grid_factor(self, factor: torch.Tensor) -> torch.Tensor | None:
-        """What the weight quantizer's scales are multiplied by on the folded weight's
-        grid: ``|f|`` per channel in the weight's units (1 where ``f = 0``: a channel
-        with no output keeps its scale, as the export does), None otherwise."""
+    def folded_weight_scale(self, factor: torch.Tensor) -> torch.Tensor | None:
+        """The folded weight's per-channel scales where they are not the quantizer's:
+        ``s |f|`` in the weight's units (``s`` where ``f = 0``: a channel with no output
+        keeps its scale, as the export does), None otherwise."""
         if not self.step_in_weight_units:
             return None
         magnitude = factor.abs()
-        return torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude)
+        magnitude = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude)
+        return self.weight_quantizer.scale.reshape(-1) * magnitude
 
     def quantized_folded_weight(self, factor: torch.Tensor) -> torch.Tensor:
         """``Q(w · f)`` on the folded weight's grid: ``f · Q(w)`` in the weight's units."""
@@ -156,11 +157,8 @@ class QuantConvBnMixin(QuantizedLayerMixin):
         if not self.training or self.bn_frozen:
             factor = self.fold_factor()
             weight = self.quantized_folded_weight(factor)
-            grid_factor = self.grid_factor(factor)
-            weight_scale = None
-            if grid_factor is not None:
-                weight_scale = self.weight_quantizer.scale.reshape(-1) * grid_factor
-            bias = self.quantized_bias(self.folded_bias(factor), weight_scale)
+            scale = self.folded_weight_scale(factor)
+            bias = self.quantized_bias(self.folded_bias(factor), scale)
             return self._conv_forward(x, weight, bias)
         # Before the freeze, z = conv(x, Q(w·f)) / f equals conv(x, w) in float arithmetic,
         # whatever γ is: the fold and the division cancel. So f is a constant for autograd
