@@ -468,18 +468,18 @@ def to_integer(model: nn.Module) -> IntegerModel:
         ValueError: an op the integer model cannot run (named with its module path), or a
             layer that never observed its input.
     """
-    return IntegerModel(_on_cpu(plan_deployment(model)))
+    return IntegerModel(on_cpu(plan_deployment(model)))
 
 
-def _on_cpu(value: Any) -> Any:
+def on_cpu(value: Any) -> Any:
     """``value`` (a plan, its steps, their fields) with every tensor moved to the CPU."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {f.name: on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return dataclasses.replace(value, **fields)
     if isinstance(value, list | tuple):
-        return type(value)(_on_cpu(v) for v in value)
+        return type(value)(on_cpu(v) for v in value)
     if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
+        return {k: on_cpu(v) for k, v in value.items()}
     return value

@@ -58,7 +58,7 @@ except ImportError as error:
     raise ImportError("onnx is needed to export: pip install 'lightning-qat[export]'") from error
 
 from lightning_qat.export import plan
-from lightning_qat.export.integer import IntegerModel
+from lightning_qat.export.integer import IntegerModel, on_cpu
 from lightning_qat.export.plan import DeploymentPlan, QuantGrid, plan_deployment
 
 #: ONNX opset: per-axis QuantizeLinear/DequantizeLinear (13), uint8 Clip (12).
@@ -616,7 +616,8 @@ def to_onnx(
     was_training = model.training
     model.eval()
     try:
-        deployment = plan_deployment(model)
+        # (on the CPU, as the integer reference runs: its tensors go into the file)
+        deployment = on_cpu(plan_deployment(model))
         output_shape = ["batch", *model(example_input).shape[1:]]
     finally:
         model.train(was_training)
