@@ -18,6 +18,8 @@ TESTS=${TESTS:-tests/test_cuda.py tests/test_nonfinite.py::test_on_a_gpu_the_gua
 # shellcheck disable=SC2086
 timeout "${TEST_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -rA $TESTS 2>&1 \
   | tee "$OUT/tests.log" | grep -E "^(PASSED|FAILED|ERROR|E  )|passed|failed" | head -60
+# where a training step on the GPU parts from the CPU's, module by module
+timeout 150 python3 scripts/device_agreement.py cuda 2>&1 | grep -v Warn | tee "$OUT/agreement.log"
 if [ "${APP:-1}" = 1 ]; then
   timeout 90 python3 train.py hydra.run.dir=/tmp/gpu_check_run 2>&1 | tee "$OUT/run.log" | tail -12
 fi

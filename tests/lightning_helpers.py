@@ -3,6 +3,10 @@ callback tests. Module-level so that DDP's spawned processes can unpickle them."
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 from sklearn.datasets import load_digits
@@ -10,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_qat.app.models import LeNet, ResNetCifar
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DigitsData(L.LightningDataModule):
@@ -93,3 +99,12 @@ def trainer_kwargs(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def script_module(folder: str, name: str):
+    """The module of the script ``folder/name.py`` (bench/ and scripts/ are not packages)."""
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
+from lightning_helpers import DigitsClassifier, DigitsData, script_module, trainer_kwargs
 from test_learned_scale import LSQ_W4A4
 from torch import nn
 
@@ -98,41 +98,31 @@ def test_qat_on_cuda_trains_resumes_and_deploys(name, tmp_path):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cuda_computes_what_the_cpu_computes(name):
-    """One training step of the same prepared ResNet-8, its quantizers started on the CPU
-    (an MSE search's argmin is not something two devices must agree on), on each device
-    with TF32 off: the same outputs, gradients and learned steps up to float reordering
-    (a value at a rounding boundary may land on either side)."""
+    """One training step of the same prepared ResNet-8 (its quantizers started on the
+    CPU: an MSE search's argmin is not something two devices must agree on), TF32 off,
+    compared module by module (`scripts/device_agreement.py`): each module of the GPU
+    copy, fed the inputs its CPU twin got, computes the CPU's output up to a code
+    flipped here and there by float reordering (beyond 1e-5 of the output's magnitude
+    on a few percent of its elements at most); a wrong kernel would move nearly all.
+
+    End to end the two devices part, and no tolerance separates that from a defect: on
+    an H200 one flipped activation code in the first block changed 80% of a 4-bit
+    ResNet-8's later outputs (the first form of this test compared the final outputs
+    and failed for three of four configurations for that reason alone)."""
     torch.manual_seed(0)
     model = prepare_qat(ResNetCifar(depth=8, in_channels=1), CONFIGS[name]).train()
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))
     model(x)  # observes, and starts the learned steps
-    results = []
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for device in ("cpu", "cuda"):
-            copy_ = copy.deepcopy(model).to(device)
-            out = copy_(x.to(device))
-            nn.functional.cross_entropy(out, y.to(device)).backward()
-            grads = {n: p.grad.cpu() for n, p in copy_.named_parameters() if p.grad is not None}
-            results.append((out.detach().cpu(), grads))
+        result = script_module("scripts", "device_agreement").compare(model, x, y, "cuda")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    (cpu_out, cpu_grads), (gpu_out, gpu_grads) = results
-    assert cpu_grads.keys() == gpu_grads.keys()
-    # A code that flips moves an output by a whole step (1/15 of a 4-bit range) and the
-    # flip spreads: the bulk must agree, every element need not; a wrong kernel would
-    # move them all. (An element-wise rtol/atol 0.01 form failed on an H200 for the
-    # asymmetric unfolded and the weight-unit configs; the run's time limit cut the
-    # details. This form has not run on a GPU yet.)
-    close = (gpu_out - cpu_out).abs() <= 1e-3 + 1e-3 * cpu_out.abs()
-    assert close.float().mean() >= 0.9, close.float().mean()
-    assert (gpu_out - cpu_out).norm() <= 0.05 * cpu_out.norm()
-    largest = max(float(g.norm()) for g in cpu_grads.values())
-    for key, grad in cpu_grads.items():
-        difference = float((gpu_grads[key] - grad).norm())
-        assert difference < 0.1 * float(grad.norm()) + 1e-4 * largest, (key, difference)
+    assert result["grads"], "no gradients compared"
+    for difference in result["fed"]:
+        assert difference.fraction <= 0.05, difference
 
 
 def test_bf16_mixed_on_cuda_keeps_quantizer_state_in_float32(tmp_path):

@@ -1,6 +1,6 @@
 """The benchmark and the demo run end to end (small settings)."""
 
-import importlib
+import copy
 import os
 import subprocess
 import sys
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_helpers import script_module
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,18 +25,9 @@ def run_bench(script: str, *args: str) -> str:
     ).stdout
 
 
-def _script(folder: str, name: str):
-    """The module of the script ``folder/name.py`` (bench/ and scripts/ are not packages)."""
-    sys.path.insert(0, str(ROOT / folder))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def _bench_function(name: str):
     """A function of bench/qat_overhead.py."""
-    return getattr(_script("bench", "qat_overhead"), name)
+    return getattr(script_module("bench", "qat_overhead"), name)
 
 
 def run_qat_overhead(variants: str, *args: str) -> str:
@@ -245,7 +237,7 @@ def test_heldout_images_are_balanced_and_never_trained_on():
     trained = set((trained[:, 0] * 256 + trained[:, 1]).tolist())
     assert len(trained) == 300 and trained == set(data.train_indices.tolist())
     _, labels = data.load("train")
-    heldout_indices = _script("scripts", "heldout_accuracy").heldout_indices
+    heldout_indices = script_module("scripts", "heldout_accuracy").heldout_indices
     held = heldout_indices(labels, data.train_indices, 5, 200)
     assert len(set(held.tolist())) == 200 and not trained & set(held.tolist())
     assert torch.bincount(labels[held], minlength=10).tolist() == [20] * 10
@@ -279,7 +271,7 @@ def test_heldout_accuracy_scores_a_run_as_its_test_was_scored(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = _script("scripts", "heldout_accuracy").score_run(run, images=400, with_test=True)
+    scores = script_module("scripts", "heldout_accuracy").score_run(run, images=400, with_test=True)
     assert scores["test_acc_here"] == pytest.approx(scores["test_acc"], abs=1e-4)
     assert 50 < scores["heldout_acc"] <= 100 and scores["heldout_acc"] * 4 == int(
         scores["heldout_acc"] * 4
@@ -293,3 +285,32 @@ def test_heldout_accuracy_scores_a_run_as_its_test_was_scored(tmp_path):
         check=True,
     ).stdout
     assert f"| run | 1 | {scores['heldout_acc']:.2f} | {scores['test_acc']:.2f} |" in out
+
+
+def test_device_agreement_feeds_each_module_the_reference_inputs():
+    """scripts/device_agreement.py's module-by-module comparison (the CUDA test's): a
+    copy whose one layer computes differently shows a difference in that layer (and the
+    modules holding it) alone when fed the reference's inputs, while running free every
+    later module parts too."""
+    from lightning_qat import QuantConfig, prepare_qat
+    from lightning_qat.app.models import ResNetCifar
+
+    agreement = script_module("scripts", "device_agreement")
+    torch.manual_seed(0)
+    model = prepare_qat(ResNetCifar(depth=8, in_channels=1), QuantConfig()).train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    model(x)
+    state = copy.deepcopy(model.state_dict())
+    reference, _, grads = agreement.module_outputs(model, x, y, "cpu")
+    assert grads and all((k[0], 0) in reference for k in [("fc", 0), ("layers.0.conv1", 0)])
+    changed = prepare_qat(ResNetCifar(depth=8, in_channels=1), QuantConfig()).train()
+    changed.load_state_dict(state)
+    with torch.no_grad():  # its BatchNorm's shift (the weight goes through the weight
+        # quantizer, a module that is fed the reference's folded weight)
+        changed.layers[0].conv1.bn.bias.add_(0.5)
+    fed, _, _ = agreement.module_outputs(changed, x, y, "cpu", inputs=reference)
+    differing = {d.key[0] for d in agreement.differences(reference, fed)}
+    assert "layers.0.conv1" in differing
+    assert differing <= {"layers.0.conv1", "layers.0", "layers"}, differing
+    free, _, _ = agreement.module_outputs(changed, x, y, "cpu")
+    assert "fc" in {d.key[0] for d in agreement.differences(reference, free)}
