@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -412,7 +413,26 @@ class QuantizationAwareTraining(L.Callback):
             for module in pl_module.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                     module.eval()
+        if self.config.oscillation_dampening and self.phase != "float":
+            weight = self.dampening_weight(trainer, batch_idx)
+            for _, quantizer in quantizers(pl_module):
+                if getattr(quantizer, "oscillation_dampening", 0.0):
+                    quantizer.dampening_weight = weight
         self.nonfinite_guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def dampening_weight(self, trainer: L.Trainer, batch_idx: int) -> float:
+        """The oscillation dampening loss's weight at this batch: ``λ (1 - cos(π t)) / 2``
+        for the fraction ``t`` of training from ``start_epoch`` to the last epoch's end
+        (Nagel et al. 2022, section 5: annealed from 0 on a cosine); ``λ`` throughout
+        where the last epoch is not known (``max_epochs=-1``)."""
+        final = float(self.config.oscillation_dampening)
+        epochs = trainer.max_epochs
+        batches = trainer.num_training_batches
+        if epochs in (None, -1) or epochs <= self.start_epoch or not math.isfinite(batches):
+            return final
+        done = trainer.current_epoch - self.start_epoch + batch_idx / max(batches, 1)
+        t = min(max(done / (epochs - self.start_epoch), 0.0), 1.0)
+        return final * (1 - math.cos(math.pi * t)) / 2
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor

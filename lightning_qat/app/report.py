@@ -101,14 +101,18 @@ def _bits(bits: Any) -> str:
 
 
 def method(run: dict[str, Any]) -> str:
-    """How the grid was found: ``PTQ (<method>)``, ``QAT, LSQ`` or ``QAT, observers``,
-    with ``+ KD`` where a teacher distilled into the run (``FP32 + KD`` unquantized)."""
+    """How the grid was found: ``PTQ (<method>)``, ``QAT, LSQ`` (``+ dampening λ`` with
+    oscillation dampening) or ``QAT, observers``, with ``+ KD`` where a teacher
+    distilled into the run (``FP32 + KD`` unquantized)."""
     distilled = " + KD" if run.get("distillation") else ""
     if run.get("quant") is None:
         return "FP32" + distilled
     if run.get("ptq"):
         return f"PTQ ({run['ptq']['method']})"
-    return ("QAT, LSQ" if run["quant"].get("learn_scale") else "QAT, observers") + distilled
+    if not run["quant"].get("learn_scale"):
+        return "QAT, observers" + distilled
+    dampening = run["quant"].get("oscillation_dampening") or 0
+    return "QAT, LSQ" + (f" + dampening {dampening:g}" if dampening else "") + distilled
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:

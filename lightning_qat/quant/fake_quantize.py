@@ -237,7 +237,7 @@ class FakeQuantize(nn.Module):
             config.symmetric,
             observe_in_eval=True,
             narrow_range=config.weight_narrow_range,
-            **_learned(config),
+            **_learned(config, weights=True),
         )
 
     @classmethod
@@ -249,7 +249,10 @@ class FakeQuantize(nn.Module):
         else:
             observer = MinMaxObserver()
         return _quantizer_class(cls, config)(
-            observer, config.activation_bits, config.activations_symmetric, **_learned(config)
+            observer,
+            config.activation_bits,
+            config.activations_symmetric,
+            **_learned(config, weights=False),
         )
 
     @property
@@ -384,7 +387,10 @@ def _quantizer_class(cls: type[FakeQuantize], config: QuantConfig) -> type[FakeQ
     return LearnedScaleFakeQuantize
 
 
-def _learned(config: QuantConfig) -> dict[str, Any]:
+def _learned(config: QuantConfig, weights: bool) -> dict[str, Any]:
     if not config.learn_scale:
         return {}
-    return {"scale_init": config.scale_init, "high_bits_damping": config.high_bits_damping}
+    learned = {"scale_init": config.scale_init, "high_bits_damping": config.high_bits_damping}
+    if weights:
+        learned["oscillation_dampening"] = float(config.oscillation_dampening)
+    return learned

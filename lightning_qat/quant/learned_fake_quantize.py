@@ -41,6 +41,11 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
     ``qmin - z`` / ``qmax - z`` where clipped), ``d/dz = -s (1 - m)``; both summed per
     step size and multiplied by ``g``.
 
+    With ``dampening`` ``λ > 0`` (weights, `QuantConfig.oscillation_dampening`) the
+    input's gradient also gets ``2 λ (x - x_hat)`` where in range: the gradient of Nagel
+    et al. 2022's dampening loss ``λ Σ (x_hat - clip(x, s qmin, s qmax))²`` with
+    ``x_hat`` held constant (section 4.1, eq. 8); clipped, ``x_hat`` is the clip.
+
     With ``after_relu`` (the input is a `ReLUBeforeQuantizer`'s output, whose backward
     passes the gradient through) the input's gradient is also zeroed where ``x <= 0``,
     the ReLU's backward, in place after the sums (which use ``m`` alone: ``d/dz`` counts
@@ -60,6 +65,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
         quant_max,
         g,
         after_relu=False,
+        dampening=0.0,
     ):
         if axis is None:
             out, mask = fake_quantize_with_mask(x, scale.detach(), zero_point, quant_min, quant_max)
@@ -69,7 +75,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             )
         ctx.save_for_backward(x, out, mask_for_backward(mask), scale)
         ctx.axis, ctx.g, ctx.has_zero_point = axis, g, learned_zero_point is not None
-        ctx.after_relu = after_relu
+        ctx.after_relu, ctx.dampening = after_relu, dampening
         return out
 
     @staticmethod
@@ -95,7 +101,9 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             grad_zero_point = (-ctx.g * clipped * s.reshape(-1)).reshape(scale.shape)
         if ctx.after_relu:  # the joined ReLU's own mask, once the sums above are taken
             grad_x = zero_unless_positive(grad_x, x)
-        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None, None
+        if ctx.dampening:  # d/dx of λ (x_hat - clip(x))², x_hat constant: 0 where clipped
+            grad_x = grad_x + where_in_range(mask, (2 * ctx.dampening) * (x - out))
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None, None, None
 
 
 def _strided_like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -150,9 +158,13 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         narrow_range: bool = True,
         scale_init: str = "mse",
         high_bits_damping: bool | str = True,
+        oscillation_dampening: float = 0.0,
     ):
         self.scale_init = scale_init
         self.high_bits_damping = high_bits_damping
+        #: ``λ`` of the oscillation dampening loss (weights; `QuantConfig`), and the
+        #: weight it has now (the callback ramps it from 0 on a cosine)
+        self.oscillation_dampening = self.dampening_weight = float(oscillation_dampening)
         super().__init__(observer, bits, symmetric, observe_in_eval, narrow_range)
         self.learning = False
 
@@ -253,7 +265,8 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         # Frozen (observer disabled) or evaluating: the grid is constant. Under DDP a
         # frozen step size still gets a zero gradient: DDP expects one for every Parameter
         # it registered (the callback drops these gradients before the optimizer step).
-        if not (learning_now or (training and self.observer.sync)):
+        dampening = self.dampening_weight if training and self.holds_weights else 0.0
+        if not (learning_now or (training and self.observer.sync) or dampening):
             return self.fake_quantize(x)
         x32 = x.float()
         if self.clipping_counts is not None:
@@ -275,6 +288,7 @@ class LearnedScaleFakeQuantize(FakeQuantize):
             self.quant_max,
             factor,
             self.input_after_relu,
+            dampening,
         )
         return out.to(x.dtype)
 
