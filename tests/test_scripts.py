@@ -314,3 +314,27 @@ def test_device_agreement_feeds_each_module_the_reference_inputs():
     assert differing <= {"layers.0.conv1", "layers.0", "layers"}, differing
     free, _, _ = agreement.module_outputs(changed, x, y, "cpu")
     assert "fc" in {d.key[0] for d in agreement.differences(reference, free)}
+
+
+def test_epoch_curves_average_each_setting_over_its_seeds(tmp_path, capsys):
+    """scripts/epoch_curves.py: the per-epoch means of a setting's seeds (the last value
+    an epoch logged), a column per epoch, and the plot."""
+    curves = script_module("scripts", "epoch_curves")
+    logs = {"a_seed0": [(0.9, None), (0.7, 0.5)], "a_seed1": [(1.1, None), (0.9, 0.7)]}
+    logs["b_seed0"] = [(2.0, None), (1.0, 0.25)]
+    for name, epochs in logs.items():
+        (tmp_path / name / "csv").mkdir(parents=True)
+        rows = ["epoch,train_loss_epoch,train_loss_step,val_acc"]
+        for epoch, (loss, acc) in enumerate(epochs):
+            rows.append(f"{epoch},,{loss + 5},")  # a step row: not the epoch's loss
+            rows.append(f"{epoch},{loss},,{'' if acc is None else acc}")
+        (tmp_path / name / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    runs = [str(tmp_path / n) for n in logs]
+    curves.main([*runs, "--plot", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    assert "| a | 1.0000 (0.9000, 1.1000) | 0.8000 (0.7000, 0.9000) |" in out
+    assert "| b | 2.0000 (2.0000) | 1.0000 (1.0000) |" in out
+    assert "| val_acc | epoch 1 |" in out and "| a | 0.6000 (0.5000, 0.7000) |" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match=r"no csv/metrics\.csv"):
+        curves.main([str(tmp_path)])
