@@ -90,7 +90,9 @@ class QuantConfig:
             ``s_x s_w`` is coarse: a folded BatchNorm's shift rounded onto it cost
             ResNet-20 W2A2 a point and more (README). The training forward rounds on the
             same grid, so the export stays bit for bit. For deploying unfolded
-            BatchNorms: in folded ResNet-20 W2A2 training it cost about a point (README).
+            BatchNorms, and folded ones never frozen (ResNet-20 W2A2: +1.25 points at
+            evaluation); with a frozen folded BatchNorm W2A2 trained a point lower with
+            it (README).
         oscillation_dampening: with ``learn_scale``, the weight ``λ`` of the oscillation
             dampening loss ``λ Σ (s round(w/s) - clip(w, s qmin, s qmax))²`` over every
             quantized weight, the rounded value held constant (Nagel et al. 2022,
