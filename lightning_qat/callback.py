@@ -417,7 +417,7 @@ class QuantizationAwareTraining(L.Callback):
             weight = self.dampening_weight(trainer, batch_idx)
             for _, quantizer in quantizers(pl_module):
                 if getattr(quantizer, "oscillation_dampening", 0.0):
-                    quantizer.dampening_weight = weight
+                    quantizer.dampening_weight.fill_(weight)
         self.nonfinite_guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def dampening_weight(self, trainer: L.Trainer, batch_idx: int) -> float:

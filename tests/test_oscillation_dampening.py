@@ -56,7 +56,7 @@ def test_the_weight_gradient_gains_the_dampening_loss_gradient(observing):
 def test_activations_and_evaluation_are_not_dampened():
     config = dataclasses.replace(LSQ_W4A4, oscillation_dampening=0.5)
     activation = FakeQuantize.for_activations(config).train()
-    assert activation.dampening_weight == 0.0
+    assert float(activation.dampening_weight) == 0.0
     quantizer = weight_quantizer(0.5)
     w = torch.randn(4, 8).requires_grad_(True)
     quantizer(w)  # learning starts
@@ -115,7 +115,7 @@ class DampeningWeights(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         (weight,) = {
-            q.dampening_weight for _, q in quantizers(module) if q.oscillation_dampening
+            float(q.dampening_weight) for _, q in quantizers(module) if q.oscillation_dampening
         } or {None}
         self.weights.append(weight)
 
@@ -135,3 +135,28 @@ def test_the_callback_ramps_the_weight_from_0_on_a_cosine(tmp_path):
     t = torch.arange(2 * batches, dtype=torch.float64) / (2 * batches)
     expected = 0.3 * (1 - torch.cos(torch.pi * t)) / 2
     torch.testing.assert_close(torch.tensor(weights[batches:], dtype=torch.float64), expected)
+
+
+def test_a_compiled_step_does_not_recompile_as_the_weight_ramps():
+    """The weight is a tensor the callback fills in place: a Python float would be a
+    constant of the compiled graph, recompiled for every value of the ramp."""
+    from torch import nn
+
+    from lightning_qat import prepare_qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = prepare_qat(model, dataclasses.replace(LSQ_W4A4, oscillation_dampening=0.1)).train()
+    x = torch.randn(4, 1, 8, 8)
+    model(x)  # learning starts (eager)
+    compiled = torch.compile(model)
+    gradients = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for weight in (0.0, 0.05, 0.1):
+            for _, quantizer in quantizers(model):
+                if quantizer.oscillation_dampening:
+                    quantizer.dampening_weight.fill_(weight)
+            model.zero_grad()
+            compiled(x).sum().backward()
+            gradients.append(model[0].weight.grad.clone())
+    assert not torch.equal(gradients[0], gradients[2])  # the weight reached the graph

@@ -65,7 +65,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
         quant_max,
         g,
         after_relu=False,
-        dampening=0.0,
+        dampening=None,
     ):
         if axis is None:
             out, mask = fake_quantize_with_mask(x, scale.detach(), zero_point, quant_min, quant_max)
@@ -101,7 +101,7 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             grad_zero_point = (-ctx.g * clipped * s.reshape(-1)).reshape(scale.shape)
         if ctx.after_relu:  # the joined ReLU's own mask, once the sums above are taken
             grad_x = zero_unless_positive(grad_x, x)
-        if ctx.dampening:  # d/dx of λ (x_hat - clip(x))², x_hat constant: 0 where clipped
+        if ctx.dampening is not None:  # d/dx λ (x_hat - clip(x))², x_hat constant: 0 clipped
             grad_x = grad_x + where_in_range(mask, (2 * ctx.dampening) * (x - out))
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None, None, None
 
@@ -162,11 +162,15 @@ class LearnedScaleFakeQuantize(FakeQuantize):
     ):
         self.scale_init = scale_init
         self.high_bits_damping = high_bits_damping
-        #: ``λ`` of the oscillation dampening loss (weights; `QuantConfig`), and the
-        #: weight it has now (the callback ramps it from 0 on a cosine)
-        self.oscillation_dampening = self.dampening_weight = float(oscillation_dampening)
+        #: ``λ`` of the oscillation dampening loss (weights; `QuantConfig`)
+        self.oscillation_dampening = float(oscillation_dampening)
         super().__init__(observer, bits, symmetric, observe_in_eval, narrow_range)
         self.learning = False
+        # the weight the loss has now (the callback ramps it from 0 on a cosine, in place):
+        # a tensor, so that torch.compile does not recompile the step for each value
+        self.register_buffer(
+            "dampening_weight", torch.tensor(self.oscillation_dampening), persistent=False
+        )
 
     def _register_qparams(self, shape: torch.Size) -> None:
         self.scale = nn.Parameter(torch.ones(shape))
@@ -265,8 +269,8 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         # Frozen (observer disabled) or evaluating: the grid is constant. Under DDP a
         # frozen step size still gets a zero gradient: DDP expects one for every Parameter
         # it registered (the callback drops these gradients before the optimizer step).
-        dampening = self.dampening_weight if training and self.holds_weights else 0.0
-        if not (learning_now or (training and self.observer.sync) or dampening):
+        damping_now = training and self.holds_weights and self.oscillation_dampening > 0
+        if not (learning_now or (training and self.observer.sync) or damping_now):
             return self.fake_quantize(x)
         x32 = x.float()
         if self.clipping_counts is not None:
@@ -288,7 +292,7 @@ class LearnedScaleFakeQuantize(FakeQuantize):
             self.quant_max,
             factor,
             self.input_after_relu,
-            dampening,
+            self.dampening_weight.detach() if damping_now else None,
         )
         return out.to(x.dtype)
 
