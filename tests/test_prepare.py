@@ -126,6 +126,26 @@ def test_nothing_to_quantize_is_an_error():
         prepare_qat(nn.Sequential(nn.ReLU()), QuantConfig())
 
 
+def test_a_pattern_naming_nothing_is_an_error_before_any_change():
+    """A misspelt name in ``exclude`` or ``layer_bits`` would leave the layer it meant
+    quantized, or at the model-wide width, without a word."""
+    cases = [
+        (QuantConfig(exclude=["12"]), r"exclude has the pattern '12' matching no module"),
+        (QuantConfig(exclude=["0", "fc*"]), r"exclude has the pattern 'fc\*' matching"),
+        (QuantConfig(layer_bits={"10": 8}), r"layer_bits has the pattern '10' matching none"),
+        # a pattern naming only an excluded layer sets nothing either
+        (QuantConfig(exclude=["9"], layer_bits={"9": 8}), r"'9' matching none of the layers"),
+        (QuantConfig(layer_bits={"@first": 8, "conv*": 8, "x": 4}), r"patterns 'conv\*', 'x'"),
+    ]
+    for config, message in cases:
+        model = small_cnn()
+        with pytest.raises(ValueError, match=message):
+            prepare_qat(model, config)
+        assert type(model[0]) is nn.Conv2d  # refused before converting anything
+    model = prepare_qat(small_cnn(), QuantConfig(exclude=["9"], layer_bits={"?": 4, "@last": 8}))
+    assert type(model[9]) is nn.Linear and model[3].weight_quantizer.quant_max == 7
+
+
 def test_first_layer_input_float_unless_asked():
     model = prepare_qat(AttributeNet(), QuantConfig())
     assert model.conv_a.activation_quantizer.fake_quant_enabled is False

@@ -44,7 +44,8 @@ class QuantConfig:
         ema_momentum: weight of the newest batch in the EMA, in (0, 1]; torch's default 0.01.
         quantize_first_input: fake-quantize the input of the first quantized layer. The
             reference NIN leaves it float; its range is still observed, for export.
-        exclude: module names (``fnmatch`` patterns) left in float.
+        exclude: module names (``fnmatch`` patterns) left in float; `prepare_qat`
+            refuses a pattern naming no module of the model.
         activation_symmetric: the scheme of the activations when it differs from the
             weights' (``None``: as ``symmetric``). Low-bit QAT quantizes weights
             symmetrically and activations asymmetrically: after a ReLU a symmetric signed
@@ -109,6 +110,7 @@ class QuantConfig:
             ``"@last"`` for the first and last quantized layer in call order (the
             low-bit protocol of every LSQ-type paper: both at 8 bits). A later pattern
             wins where several match; ``activation_bits`` is the layer's input's.
+            `prepare_qat` refuses a pattern matching none of the layers it quantizes.
         residual_bits: bits of the grids on the residual path, 2..8: the values a
             residual add, a concatenation or an average pool reads (each add's two inputs
             and its output, on ResNets). ``None``: the widest width of the layers reading
