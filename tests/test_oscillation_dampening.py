@@ -98,7 +98,11 @@ def test_dampening_stops_a_weight_oscillating_between_two_codes():
     assert flips[2.0] < flips[0.0] / 10, flips
 
 
-@pytest.mark.parametrize("value", [-0.1, True, "0.1"], ids=["negative", "bool", "string"])
+@pytest.mark.parametrize(
+    "value",
+    [-0.1, True, "0.1", float("nan"), float("inf")],
+    ids=["negative", "bool", "string", "nan", "inf"],
+)
 def test_bad_dampening_values_are_refused(value):
     with pytest.raises(ValueError, match="oscillation_dampening"):
         dataclasses.replace(LSQ_W4A4, oscillation_dampening=value)

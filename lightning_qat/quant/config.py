@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -194,9 +195,13 @@ class QuantConfig:
                 f"{', '.join(FOLDED_STEP_UNITS)}"
             )
         dampening = self.oscillation_dampening
-        if isinstance(dampening, bool) or not isinstance(dampening, int | float) or dampening < 0:
+        if (
+            isinstance(dampening, bool)
+            or not isinstance(dampening, int | float)
+            or not 0 <= dampening < math.inf  # NaN fails too: it would reach every weight
+        ):
             raise ValueError(
-                f"QuantConfig.oscillation_dampening={dampening!r} must be a number >= 0"
+                f"QuantConfig.oscillation_dampening={dampening!r} must be a finite number >= 0"
             )
         if dampening and not self.learn_scale:
             raise ValueError(
