@@ -340,13 +340,20 @@ def run_lsq(tmp_path, name, start_epoch=1, ckpt_path=None, max_epochs=4, config=
 
 
 class ScaleTrace(L.Callback):
-    """The step sizes at every epoch's end."""
+    """The step sizes at every epoch's end, and which got a non-zero gradient in it."""
 
     def __init__(self):
-        self.scales = []
+        self.scales, self.pushed, self._pushed = [], [], set()
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        for n, q in quantizers(module):
+            if q.scale.grad is not None and q.scale.grad.abs().sum() > 0:
+                self._pushed.add(n)
 
     def on_train_epoch_end(self, trainer, module):
         self.scales.append({n: q.scale.detach().clone() for n, q in quantizers(module)})
+        self.pushed.append(self._pushed)
+        self._pushed = set()
 
 
 @pytest.mark.parametrize("start_epoch", [0, 1])
@@ -370,10 +377,14 @@ def test_callback_learns_step_sizes_in_their_own_group_then_freezes_them(tmp_pat
     others = {id(p) for g in optimizer.param_groups[:-1] for p in g["params"]}
     assert not others & {id(p) for p in learned}
     acts = [n for n, q in quantizers(module) if q.fake_quant_enabled and not q.holds_weights]
-    # learning moves the activation steps between epochs start..2, not from epoch 3 on
+    # learning pushes every activation step in epoch 2 and moves them (an update can fall
+    # below half a float32 ulp of its step: the 8-bit one before the pooled classifier
+    # gets gradients near 1e-7 and stands still on some CPUs), not from epoch 3 on
+    assert trace.pushed[2] >= set(acts)
     moved = [n for n in acts if not torch.equal(trace.scales[2][n], trace.scales[1][n])]
-    assert len(moved) == len(acts)
+    assert len(moved) >= 0.75 * len(acts)
     assert all(torch.equal(trace.scales[4][n], trace.scales[3][n]) for n in acts)
+    assert not trace.pushed[4] & set(acts)
     assert trainer.callback_metrics["val_acc"] > 0.8
 
 
