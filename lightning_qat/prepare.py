@@ -348,7 +348,7 @@ def plan_qat(
         for n, m in modules.items()
         if _is_float_layer(m) and n not in order and n.rpartition(".")[0] not in attentions
     ]
-    _check_exclude(model, config.exclude)
+    _check_exclude(model, config.exclude, list(modules))
     order = [n for n in order if not _excluded(n, config.exclude)]
     if not order:
         raise ValueError(
@@ -370,11 +370,15 @@ def plan_qat(
     )
 
 
-def _check_exclude(model: nn.Module, patterns: Sequence[str]) -> None:
-    """Refuse an ``exclude`` pattern naming no module of ``model``: a misspelt name would
-    leave the layer it meant quantized, silently."""
-    names = [n for n, _ in model.named_modules()]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+def _unmatched(patterns: Iterable[str], names: Sequence[str]) -> list[str]:
+    """The ``fnmatch`` patterns of ``patterns`` that match none of ``names``."""
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def _check_exclude(model: nn.Module, patterns: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse an ``exclude`` pattern naming none of the module ``names`` of ``model``: a
+    misspelt name would leave the layer it meant quantized, silently."""
+    unmatched = _unmatched(patterns, names)
     if unmatched:
         raise ValueError(
             f"QuantConfig.exclude has {_patterns(unmatched)} matching no module of "
@@ -387,12 +391,8 @@ def _check_layer_bits(model: nn.Module, config: QuantConfig, layers: Sequence[st
     ``layers``, the excluded ones left out): a misspelt name would leave the layer it meant
     at the model-wide width, silently (at 2-4 bits the first layer's width alone moves
     accuracy by points)."""
-    special = (FIRST_LAYER, LAST_LAYER)
-    unmatched = [
-        p
-        for p in config.layer_bits
-        if p not in special and not any(fnmatch.fnmatchcase(n, p) for n in layers)
-    ]
+    named = [p for p in config.layer_bits if p not in (FIRST_LAYER, LAST_LAYER)]
+    unmatched = _unmatched(named, layers)
     if unmatched:
         raise ValueError(
             f"QuantConfig.layer_bits has {_patterns(unmatched)} matching none of the layers "
