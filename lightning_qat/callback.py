@@ -37,6 +37,10 @@ from lightning_qat.quant import LearnedScaleFakeQuantize, QuantConfig, sqnr_db, 
 
 #: Phases, in order; logged as ``qat/phase`` so dashboards show when each began.
 PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
+
+#: Where the freezing threshold starts (`QuantConfig.oscillation_freezing`): 0.1, as in
+#: Nagel et al. 2022's MobileNet runs (annealed to 0.01-0.011 there).
+FREEZING_START_THRESHOLD = 0.1
 #: The name of the optimizer param group holding the learned step sizes.
 QUANTIZER_GROUP = "qat/quantizer_scales"
 
@@ -418,7 +422,22 @@ class QuantizationAwareTraining(L.Callback):
             for _, quantizer in quantizers(pl_module):
                 if getattr(quantizer, "oscillation_dampening", 0.0):
                     quantizer.dampening_weight.fill_(weight)
+        if self.config.oscillation_freezing and self.phase != "float":
+            threshold = self.freezing_threshold(trainer, batch_idx)
+            for _, quantizer in quantizers(pl_module):
+                if getattr(quantizer, "oscillation_freezing", 0.0):
+                    quantizer.freezing_threshold = threshold
         self.nonfinite_guard.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _training_fraction(self, trainer: L.Trainer, batch_idx: int) -> float | None:
+        """The fraction of training done from ``start_epoch`` to the last epoch's end at
+        this batch; ``None`` where the last epoch is not known (``max_epochs=-1``)."""
+        epochs = trainer.max_epochs
+        batches = trainer.num_training_batches
+        if epochs in (None, -1) or epochs <= self.start_epoch or not math.isfinite(batches):
+            return None
+        done = trainer.current_epoch - self.start_epoch + batch_idx / max(batches, 1)
+        return min(max(done / (epochs - self.start_epoch), 0.0), 1.0)
 
     def dampening_weight(self, trainer: L.Trainer, batch_idx: int) -> float:
         """The oscillation dampening loss's weight at this batch: ``λ (1 - cos(π t)) / 2``
@@ -426,13 +445,20 @@ class QuantizationAwareTraining(L.Callback):
         (Nagel et al. 2022, section 5: annealed from 0 on a cosine); ``λ`` throughout
         where the last epoch is not known (``max_epochs=-1``)."""
         final = float(self.config.oscillation_dampening)
-        epochs = trainer.max_epochs
-        batches = trainer.num_training_batches
-        if epochs in (None, -1) or epochs <= self.start_epoch or not math.isfinite(batches):
-            return final
-        done = trainer.current_epoch - self.start_epoch + batch_idx / max(batches, 1)
-        t = min(max(done / (epochs - self.start_epoch), 0.0), 1.0)
-        return final * (1 - math.cos(math.pi * t)) / 2
+        t = self._training_fraction(trainer, batch_idx)
+        return final if t is None else final * (1 - math.cos(math.pi * t)) / 2
+
+    def freezing_threshold(self, trainer: L.Trainer, batch_idx: int) -> float:
+        """The oscillation frequency above which a weight freezes at this batch (iterative
+        weight freezing, Nagel et al. 2022 section 4.2): annealed on a cosine from
+        `FREEZING_START_THRESHOLD` at ``start_epoch`` to ``f_th``
+        (`QuantConfig.oscillation_freezing`) at the last epoch's end,
+        ``f_th + (f_0 - f_th) (1 + cos(π t)) / 2``; ``f_th`` throughout where the last
+        epoch is not known."""
+        final = float(self.config.oscillation_freezing)
+        start = max(FREEZING_START_THRESHOLD, final)
+        t = self._training_fraction(trainer, batch_idx)
+        return final if t is None else final + (start - final) * (1 + math.cos(math.pi * t)) / 2
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -482,6 +508,10 @@ class QuantizationAwareTraining(L.Callback):
         metrics = {"qat/phase": float(PHASES.index(self.phase))}
         if self.config.learn_scale and _is_converted(pl_module):
             metrics["qat/zeroed_weight_channels"] = float(self._count_zeroed_channels(pl_module))
+        if self.config.oscillation_freezing and _is_converted(pl_module):
+            frozen = _frozen_weights(pl_module)
+            if frozen is not None:
+                metrics["qat/frozen_weights"] = frozen
         if self.log_layer_stats and _is_converted(pl_module):
             metrics.update(self._layer_statistics(pl_module))
         # at the epoch's last step, as Lightning logs epoch-end metrics: a run resumed from
@@ -794,3 +824,15 @@ def _weights_as_quantized(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 
 def _is_converted(module: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED_LAYERS) for m in module.modules())
+
+
+def _frozen_weights(pl_module: nn.Module) -> float | None:
+    """The fraction of the tracked weights frozen by iterative weight freezing (the
+    weights of the 2- to 4-bit layers), ``None`` before any was tracked."""
+    frozen = total = 0
+    for _, layer in quantized_layers(pl_module):
+        quantizer = layer.weight_quantizer
+        if getattr(quantizer, "oscillation_freezing", 0.0) and quantizer.frozen.numel():
+            frozen += int(quantizer.frozen.sum())
+            total += quantizer.frozen.numel()
+    return frozen / total if total else None

@@ -45,6 +45,8 @@ def test_low_bit_sweep_reports_bits_methods_and_a_bits_plot(tmp_path):
     assert [method(r) for r in runs[1:4:2]] == ["QAT, observers", "QAT, LSQ"]
     damped = {**runs[2], "quant": {**runs[2]["quant"], "oscillation_dampening": 0.1}}
     assert method(damped) == "QAT, LSQ + dampening 0.1"
+    frozen = {**runs[2], "quant": {**runs[2]["quant"], "oscillation_freezing": 0.01}}
+    assert method(frozen) == "QAT, LSQ + freezing 0.01"
     assert method(runs[-1]) == "PTQ (mse)"
     table = markdown_table([{**r, "run_dir": "x"} for r in runs])
     assert "| w2a2_lsq | W2A2 (@first W8A8) | QAT, LSQ |" in table and "| -6.00 |" in table

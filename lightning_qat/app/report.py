@@ -102,8 +102,9 @@ def _bits(bits: Any) -> str:
 
 def method(run: dict[str, Any]) -> str:
     """How the grid was found: ``PTQ (<method>)``, ``QAT, LSQ`` (``+ dampening λ`` with
-    oscillation dampening) or ``QAT, observers``, with ``+ KD`` where a teacher
-    distilled into the run (``FP32 + KD`` unquantized)."""
+    oscillation dampening, ``+ freezing f_th`` with iterative weight freezing) or ``QAT,
+    observers``, with ``+ KD`` where a teacher distilled into the run (``FP32 + KD``
+    unquantized)."""
     distilled = " + KD" if run.get("distillation") else ""
     if run.get("quant") is None:
         return "FP32" + distilled
@@ -112,7 +113,13 @@ def method(run: dict[str, Any]) -> str:
     if not run["quant"].get("learn_scale"):
         return "QAT, observers" + distilled
     dampening = run["quant"].get("oscillation_dampening") or 0
-    return "QAT, LSQ" + (f" + dampening {dampening:g}" if dampening else "") + distilled
+    freezing = run["quant"].get("oscillation_freezing") or 0
+    return (
+        "QAT, LSQ"
+        + (f" + dampening {dampening:g}" if dampening else "")
+        + (f" + freezing {freezing:g}" if freezing else "")
+        + distilled
+    )
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:

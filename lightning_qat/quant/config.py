@@ -105,6 +105,17 @@ class QuantConfig:
             inside the range); the `QuantizationAwareTraining` callback ramps it from 0
             at ``start_epoch`` to ``λ`` at the last epoch on a cosine, as the paper
             does (0.1 in its MobileNet runs). ``0`` (default): off.
+        oscillation_freezing: with ``learn_scale``, the final threshold ``f_th`` of
+            iterative weight freezing (Nagel et al. 2022, section 4.2), for the weights of
+            layers at 2 to 4 bits: each weight's oscillation frequency (a moving average,
+            momentum 0.01, of the steps at which its code moved back the way it came) is
+            tracked during training, and a weight whose frequency exceeds the threshold is
+            frozen on its mean code for the rest of training (its latent weight gets no
+            more gradient; the export reads the frozen code). The
+            `QuantizationAwareTraining` callback anneals the threshold on a cosine from
+            0.1 at ``start_epoch`` down to this value at the last epoch's end, as the
+            paper's MobileNet runs do (0.1 to 0.01-0.011); ``qat/frozen_weights`` logs
+            the fraction frozen. In (0, 1); ``0`` (default): off.
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
@@ -149,6 +160,7 @@ class QuantConfig:
     folded_step_units: str = "folded"
     fine_bias_grid: bool = False
     oscillation_dampening: float = 0.0
+    oscillation_freezing: float = 0.0
     layer_bits: dict[str, Any] = field(default_factory=dict)
     residual_bits: int | None = None
     weight_narrow_range: bool = True
@@ -207,6 +219,21 @@ class QuantConfig:
             raise ValueError(
                 "QuantConfig.oscillation_dampening needs learn_scale=True (the dampening "
                 "gradient is added in the learned-step quantizer's backward pass)"
+            )
+        freezing = self.oscillation_freezing
+        if (
+            isinstance(freezing, bool)
+            or not isinstance(freezing, int | float)
+            or not 0 <= freezing < 1  # a frequency: NaN fails too
+        ):
+            raise ValueError(
+                f"QuantConfig.oscillation_freezing={freezing!r} must be a frequency in [0, 1) "
+                "(0: off)"
+            )
+        if freezing and not self.learn_scale:
+            raise ValueError(
+                "QuantConfig.oscillation_freezing needs learn_scale=True (the codes are "
+                "tracked and frozen by the learned-step weight quantizer)"
             )
         self.layer_bits = _checked_layer_bits(self.layer_bits)
         if self.observer not in OBSERVERS:

@@ -393,4 +393,5 @@ def _learned(config: QuantConfig, weights: bool) -> dict[str, Any]:
     learned = {"scale_init": config.scale_init, "high_bits_damping": config.high_bits_damping}
     if weights:
         learned["oscillation_dampening"] = float(config.oscillation_dampening)
+        learned["oscillation_freezing"] = float(config.oscillation_freezing)
     return learned

@@ -25,6 +25,20 @@ from lightning_qat.quant.range_search import lsq_initial_scale, mse_range
 #: the search costs a hundred fake-quant passes).
 MSE_SAMPLE = 1 << 18
 
+#: Momentum ``m`` of the oscillation frequency's and the mean code's moving averages
+#: (Nagel et al. 2022, section 4.2; 0.01 in their code).
+FREEZING_MOMENTUM = 0.01
+
+#: The iterative-freezing state of a weight quantizer, each the weight's shape.
+FREEZING_STATE = (
+    "oscillation_frequency",
+    "previous_codes",
+    "previous_direction",
+    "mean_codes",
+    "frozen",
+    "frozen_codes",
+)
+
 
 class _LearnedStepFakeQuant(torch.autograd.Function):
     """``x_hat = s (clamp(round(x/s) + z, qmin, qmax) - z)`` with LSQ's gradients for
@@ -159,12 +173,25 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         scale_init: str = "mse",
         high_bits_damping: bool | str = True,
         oscillation_dampening: float = 0.0,
+        oscillation_freezing: float = 0.0,
     ):
         self.scale_init = scale_init
         self.high_bits_damping = high_bits_damping
         #: ``λ`` of the oscillation dampening loss (weights; `QuantConfig`)
         self.oscillation_dampening = float(oscillation_dampening)
         super().__init__(observer, bits, symmetric, observe_in_eval, narrow_range)
+        #: the final freezing threshold ``f_th`` (weights at LSQ's widths; `QuantConfig`);
+        #: 0: no tracking, no freezing
+        self.oscillation_freezing = (
+            float(oscillation_freezing) if observe_in_eval and bits <= LSQ_BITS else 0.0
+        )
+        #: the threshold now: the callback anneals it down to ``oscillation_freezing``
+        self.freezing_threshold = self.oscillation_freezing
+        if self.oscillation_freezing:
+            # sized at the first tracked step (the quantizer knows its channels only)
+            for name in FREEZING_STATE:
+                dtype = {"frozen": torch.bool, "previous_direction": torch.int8}.get(name)
+                self.register_buffer(name, torch.empty(0, dtype=dtype or torch.float32))
         self.learning = False
         # the weight the loss has now (the callback ramps it from 0 on a cosine, in place):
         # a tensor, so that torch.compile does not recompile the step for each value
@@ -271,7 +298,7 @@ class LearnedScaleFakeQuantize(FakeQuantize):
         # it registered (the callback drops these gradients before the optimizer step).
         damping_now = training and self.holds_weights and self.oscillation_dampening > 0
         if not (learning_now or (training and self.observer.sync) or damping_now):
-            return self.fake_quantize(x)
+            return self._with_frozen_codes(self.fake_quantize(x), training, None)
         x32 = x.float()
         if self.clipping_counts is not None:
             self._count_clipped(x32)
@@ -294,7 +321,72 @@ class LearnedScaleFakeQuantize(FakeQuantize):
             self.input_after_relu,
             self.dampening_weight.detach() if damping_now else None,
         )
-        return out.to(x.dtype)
+        return self._with_frozen_codes(out, training, factor if learning_now else None).to(x.dtype)
+
+    def _with_frozen_codes(
+        self, out: torch.Tensor, training: bool, gradient_scale: float | None
+    ) -> torch.Tensor:
+        """``out`` with the frozen weights on their frozen codes (iterative weight
+        freezing, Nagel et al. 2022 section 4.2), after a training step has been tracked.
+
+        A frozen weight's value is ``s (q_frozen - z)``: no gradient reaches its latent
+        weight (it is constant), its step size gets ``g q_frozen`` from it (``d/ds`` of
+        ``s q``, scaled by LSQ's ``g`` as every other element's, ``gradient_scale``; none
+        where the step is not learning)."""
+        if not self.oscillation_freezing:
+            return out
+        shape = (-1, *[1] * (out.dim() - 1)) if self.per_channel else ()
+        scale = self.scale.detach().reshape(shape)
+        if training:
+            self._track_oscillations(torch.round(out.detach() / scale))
+        if self.frozen.shape != out.shape:  # not tracked yet: nothing frozen
+            return out
+        if gradient_scale is not None:  # the value of s, the gradient of g s
+            learned = self.scale.reshape(shape)
+            scale = learned * gradient_scale + (learned * (1 - gradient_scale)).detach()
+        zero_point = self.zero_point.reshape(shape)
+        codes = (self.frozen_codes + zero_point).clamp(self.quant_min, self.quant_max)
+        return torch.where(self.frozen, scale * (codes - zero_point), out)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _track_oscillations(self, codes: torch.Tensor) -> None:
+        """One training step of Nagel et al. 2022's iterative weight freezing (section
+        4.2) on the integer codes ``q`` (relative to the zero point) of the weights.
+
+        A weight oscillates at step ``t`` when its code changes in the direction opposite
+        to its previous change: ``o_t = sign(q_t - q_{t-1}) sign(Δ_prev) = -1``. Its
+        oscillation frequency is the moving average ``f_t = m o_t + (1 - m) f_{t-1}``
+        (``m`` = `FREEZING_MOMENTUM`); once ``f_t`` exceeds the threshold (annealed by the
+        callback) the weight is frozen for the rest of training, on its mean code
+        ``round(q̄)``, ``q̄_t = m q_t + (1 - m) q̄_{t-1}`` (the middle of its oscillation
+        rather than wherever the last step left it)."""
+        if self.frozen.shape != codes.shape:  # the first tracked step
+            for name in FREEZING_STATE:
+                setattr(self, name, torch.zeros_like(codes, dtype=getattr(self, name).dtype))
+            self.previous_codes.copy_(codes)
+            self.mean_codes.copy_(codes)
+            return
+        m = FREEZING_MOMENTUM
+        direction = torch.sign(codes - self.previous_codes).to(torch.int8)
+        oscillated = (direction * self.previous_direction) < 0
+        self.oscillation_frequency.mul_(1 - m).add_(oscillated, alpha=m)
+        moved = direction != 0
+        self.previous_direction.copy_(torch.where(moved, direction, self.previous_direction))
+        self.previous_codes.copy_(codes)
+        newly = (self.oscillation_frequency > self.freezing_threshold) & ~self.frozen
+        self.frozen_codes.copy_(torch.where(newly, torch.round(self.mean_codes), self.frozen_codes))
+        self.frozen.logical_or_(newly)
+        self.mean_codes.mul_(1 - m).add_(codes, alpha=m)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # the freezing state is sized at the first tracked step: take the checkpoint's size
+        for name in FREEZING_STATE if self.oscillation_freezing else ():
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                current = getattr(self, name)
+                setattr(self, name, current.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "learning": self.learning}
