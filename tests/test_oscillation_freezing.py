@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning_helpers import DigitsClassifier, DigitsData, trainer_kwargs
-from test_learned_scale import LSQ_W4A4
+from test_learned_scale import LSQ_W4A4, run_lsq
 
 from lightning_qat import (
     FakeQuantize,
@@ -199,3 +199,59 @@ def test_the_callback_anneals_the_threshold_and_the_model_deploys_frozen(tmp_pat
             assert torch.equal(codes[quantizer.frozen], quantizer.frozen_codes[quantizer.frozen])
     result = evaluate_deployment(to_integer(model.net), model.net, data.test_dataloader(), "int")
     assert result["int_agreement"] >= 0.99, result
+
+
+def test_a_compiled_step_tracks_and_freezes_as_an_eager_one():
+    """The tracking runs outside the compiled graph (``torch.compiler.disable``); the
+    frozen codes are applied inside it. One step from the same state, every weight set
+    to oscillate in it: the same state and the same output either way."""
+    import copy
+
+    from torch import nn
+
+    from lightning_qat import prepare_qat
+
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)]  # 4 bits between
+    model = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2], nn.Flatten())
+    model = prepare_qat(model, dataclasses.replace(LSQ_W4A4, oscillation_freezing=0.02)).train()
+    x = torch.randn(4, 1, 8, 8)
+    model(x)  # learning and tracking start (eager)
+    quantizer = model[2].weight_quantizer
+    # each code one below the last, which moved up: an oscillation for every weight, and
+    # a frequency that crosses the threshold with it
+    quantizer.previous_codes.add_(1)
+    quantizer.previous_direction.fill_(1)
+    quantizer.oscillation_frequency.fill_(0.0195)
+    quantizer.mean_codes.add_(0.25)
+    states, outputs = [], []
+    for compiled in (False, True):
+        twin = copy.deepcopy(model)
+        step = torch.compile(twin) if compiled else twin
+        step(x).sum().backward()
+        q = twin[2].weight_quantizer
+        states.append({name: getattr(q, name).clone() for name in FREEZING_STATE})
+        outputs.append(step(x).detach())
+    assert states[0]["frozen"].all()
+    for name in FREEZING_STATE:
+        assert torch.equal(states[0][name], states[1][name]), name
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_a_run_resumed_mid_freezing_ends_as_the_uninterrupted_one(tmp_path):
+    """The tracking state (frequencies, last codes and directions, mean codes, what is
+    frozen and on which code) is in the checkpoint: resumed after the first QAT epoch or
+    the second, the run ends on the uninterrupted run's weights, steps and frozen codes."""
+    config = dataclasses.replace(LSQ_W4A4, oscillation_freezing=0.01)
+    full, _ = run_lsq(tmp_path, "full", config=config)
+    expected = full.state_dict()
+    frozen = [key for key in expected if key.endswith(".frozen")]
+    assert frozen and sum(int(expected[key].sum()) for key in frozen) > 0
+    for epoch in (1, 2):
+        ckpt = tmp_path / "full" / f"epoch={epoch}.ckpt"
+        resumed, _ = run_lsq(tmp_path, f"resumed{epoch}", ckpt_path=ckpt, config=config)
+        got = resumed.state_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(got[key], value), f"{key} differs after resuming at {epoch}"
