@@ -255,3 +255,40 @@ def test_a_run_resumed_mid_freezing_ends_as_the_uninterrupted_one(tmp_path):
         for key, value in expected.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(got[key], value), f"{key} differs after resuming at {epoch}"
+
+
+class SameFreezingOnEveryRank(L.Callback):
+    """After every QAT step both ranks hold the same tracking state and frozen codes (the
+    weights are the same on both, so the codes are; nothing is communicated)."""
+
+    def __init__(self):
+        self.steps_checked = 0
+        self.frozen = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        tracked = [q for _, q in quantizers(module) if getattr(q, "oscillation_freezing", 0)]
+        if not tracked or not tracked[0].frozen.numel():
+            return
+        state = torch.cat(
+            [getattr(q, n).flatten().float() for q in tracked for n in FREEZING_STATE]
+        )
+        gathered = trainer.strategy.all_gather(state)
+        assert torch.equal(gathered[0], gathered[1]), "ranks disagree on the freezing state"
+        self.steps_checked += 1
+        self.frozen = sum(int(q.frozen.sum()) for q in tracked)
+
+    def on_train_end(self, trainer, module):
+        assert self.steps_checked > 0 and self.frozen > 0, (self.steps_checked, self.frozen)
+
+
+def test_two_process_ddp_freezes_the_same_weights_on_both_ranks(tmp_path):
+    config = dataclasses.replace(LSQ_W4A4, oscillation_freezing=0.01)
+    callback = QuantizationAwareTraining(config, start_epoch=0, verbose=False)
+    trainer = L.Trainer(
+        callbacks=[callback, SameFreezingOnEveryRank()],
+        **trainer_kwargs(
+            tmp_path, max_epochs=3, devices=2, strategy="ddp_spawn", deterministic=False
+        ),
+    )
+    trainer.fit(DigitsClassifier(arch="resnet8"), DigitsData())
+    assert trainer.state.finished
