@@ -84,7 +84,9 @@ def test_the_teacher_stays_float_and_out_of_the_checkpoint_through_qat(tmp_path)
     [
         ({"distillation_weight": 1.5}, r"distillation_weight=1.5 must be in \[0, 1\]"),
         ({"distillation_weight": -0.1}, r"distillation_weight=-0.1"),
-        ({"distillation_temperature": 0.0}, r"distillation_temperature=0.0 must be > 0"),
+        ({"distillation_temperature": 0.0}, r"distillation_temperature=0.0 must be a finite"),
+        ({"distillation_temperature": float("inf")}, r"distillation_temperature=inf must be"),
+        ({"distillation_temperature": float("nan")}, r"distillation_temperature=nan must be"),
     ],
 )
 def test_bad_distillation_settings_are_named(kwargs, message):

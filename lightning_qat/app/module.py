@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,7 +32,7 @@ class ImageClassifier(L.LightningModule):
             low-bit QAT run starts from; Esser et al. 2019 report LSQ with distillation
             from the full-precision model too); 0 (default): plain cross-entropy.
             Training only: validation and test losses stay CE.
-        distillation_temperature: ``T``, > 0.
+        distillation_temperature: ``T``, finite and > 0.
     """
 
     def __init__(
@@ -50,9 +51,10 @@ class ImageClassifier(L.LightningModule):
                 f"module.distillation_weight={distillation_weight!r} must be in [0, 1] "
                 "(the share of the distillation loss; 0 trains on the labels alone)"
             )
-        if not distillation_temperature > 0:
+        if not 0 < distillation_temperature < math.inf:  # inf: every soft target uniform
             raise ValueError(
-                f"module.distillation_temperature={distillation_temperature!r} must be > 0"
+                f"module.distillation_temperature={distillation_temperature!r} must be a "
+                "finite number > 0"
             )
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.distillation_weight = distillation_weight
