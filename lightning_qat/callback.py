@@ -41,6 +41,7 @@ PHASES = ("float", "qat", "bn_frozen", "observers_frozen")
 #: Where the freezing threshold starts (`QuantConfig.oscillation_freezing`): 0.1, as in
 #: Nagel et al. 2022's MobileNet runs (annealed to 0.01-0.011 there).
 FREEZING_START_THRESHOLD = 0.1
+
 #: The name of the optimizer param group holding the learned step sizes.
 QUANTIZER_GROUP = "qat/quantizer_scales"
 

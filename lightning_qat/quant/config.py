@@ -115,7 +115,7 @@ class QuantConfig:
             `QuantizationAwareTraining` callback anneals the threshold on a cosine from
             0.1 at ``start_epoch`` down to this value at the last epoch's end, as the
             paper's MobileNet runs do (0.1 to 0.01-0.011); ``qat/frozen_weights`` logs
-            the fraction frozen. In (0, 1); ``0`` (default): off.
+            the fraction frozen. A frequency below 1; ``0`` (default): off.
         layer_bits: per-layer bit widths by module name: ``{pattern: bits}`` sets both
             widths of the matching layers, ``{pattern: {"weight_bits": 8}}`` either one.
             Patterns are ``fnmatch`` patterns on module names, or ``"@first"`` and
