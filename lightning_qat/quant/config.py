@@ -206,35 +206,21 @@ class QuantConfig:
                 f"QuantConfig.folded_step_units={self.folded_step_units!r} is not one of "
                 f"{', '.join(FOLDED_STEP_UNITS)}"
             )
-        dampening = self.oscillation_dampening
-        if (
-            isinstance(dampening, bool)
-            or not isinstance(dampening, int | float)
-            or not 0 <= dampening < math.inf  # NaN fails too: it would reach every weight
+        # the oscillation methods (Nagel et al. 2022) act in the learned-step weight
+        # quantizer; NaN fails the range check too (it would reach every weight)
+        for name, upper, what in (
+            ("oscillation_dampening", math.inf, "a finite number >= 0"),
+            ("oscillation_freezing", 1.0, "a frequency in [0, 1) (0: off)"),
         ):
-            raise ValueError(
-                f"QuantConfig.oscillation_dampening={dampening!r} must be a finite number >= 0"
-            )
-        if dampening and not self.learn_scale:
-            raise ValueError(
-                "QuantConfig.oscillation_dampening needs learn_scale=True (the dampening "
-                "gradient is added in the learned-step quantizer's backward pass)"
-            )
-        freezing = self.oscillation_freezing
-        if (
-            isinstance(freezing, bool)
-            or not isinstance(freezing, int | float)
-            or not 0 <= freezing < 1  # a frequency: NaN fails too
-        ):
-            raise ValueError(
-                f"QuantConfig.oscillation_freezing={freezing!r} must be a frequency in [0, 1) "
-                "(0: off)"
-            )
-        if freezing and not self.learn_scale:
-            raise ValueError(
-                "QuantConfig.oscillation_freezing needs learn_scale=True (the codes are "
-                "tracked and frozen by the learned-step weight quantizer)"
-            )
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not 0 <= value < upper:
+                raise ValueError(f"QuantConfig.{name}={value!r} must be {what}")
+            if value and not self.learn_scale:
+                raise ValueError(
+                    f"QuantConfig.{name} needs learn_scale=True (it acts in the learned-step "
+                    "weight quantizer)"
+                )
         self.layer_bits = _checked_layer_bits(self.layer_bits)
         if self.observer not in OBSERVERS:
             raise ValueError(
