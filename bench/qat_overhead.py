@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,12 +107,15 @@ def make_step(
     options: dict | None = None,
     device: str = "cpu",
     bf16: bool = False,
+    foreach: bool | None = None,
 ) -> Callable[[], None]:
     """One SGD step of ``model`` on a fixed random batch, on ``device``; ``bf16``: the
     forward under ``torch.autocast`` in bfloat16 (Lightning's ``precision="bf16-mixed"``).
-    On a GPU the step waits for the device, so that the wall clock times the step."""
+    On a GPU the step waits for the device, so that the wall clock times the step.
+    ``foreach``: SGD's multi-tensor form (``None``: torch's choice, on for CUDA tensors
+    only)."""
     model = model.to(device).train().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=foreach)
     if compile:
         model = torch.compile(model, options=options)
     x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
@@ -308,47 +312,100 @@ def cuda_peak_memory(
 #: Operators that read a tensor's value on the host: on a GPU each waits for the device.
 HOST_READS = ("aten::item", "aten::_local_scalar_dense")
 
+#: Operators that make a view, read metadata or allocate without writing: no kernel on
+#: any device, unless one they call does (a ``reshape`` that has to copy calls ``clone``).
+NO_KERNEL = frozenset(
+    "aten::" + name
+    for name in [
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "_reshape_alias",
+        "view_as",
+        "flatten",
+        "permute",
+        "transpose",
+        "t",
+        "select",
+        "slice",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "expand_as",
+        "as_strided",
+        "alias",
+        "detach",
+        "lift_fresh",
+        "to",
+        "contiguous",
+        "resolve_conj",
+        "resolve_neg",
+        "empty",
+        "empty_like",
+        "empty_strided",
+    ]
+)
 
-def operator_calls(step: Callable[[], None]) -> tuple[int, int]:
-    """``(operators, host reads)`` of one ``step()``: the aten operators called from
-    Python or autograd (those not called inside another aten operator: on a GPU each
-    launches at least one kernel) and the host reads (`HOST_READS`) anywhere."""
+
+def _launches_kernel(event: Any) -> bool:
+    if event.name not in NO_KERNEL:
+        return True
+    # (autograd's own records inside an operator, such as ``detach``'s, are not aten's)
+    calls = (c for c in event.cpu_children if c.name.startswith("aten::"))
+    return any(_launches_kernel(c) for c in calls)
+
+
+def operator_calls(step: Callable[[], None]) -> tuple[int, int, int]:
+    """``(operators, kernel operators, host reads)`` of one ``step()``: the aten operators
+    called from Python or autograd (those not called inside another aten operator), those
+    of them that compute anything (on a GPU each launches at least one kernel; views and
+    allocations, `NO_KERNEL`, do not), and the host reads (`HOST_READS`) anywhere."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         step()
     events = profiler.events()
-    outer = sum(
-        1
+    outer = [
+        e
         for e in events
         if e.name.startswith("aten::")
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-    )
-    return outer, sum(1 for e in events if e.name == HOST_READS[0])
+    ]
+    kernels = sum(1 for e in outer if _launches_kernel(e))
+    return len(outer), kernels, sum(1 for e in events if e.name == HOST_READS[0])
 
 
 def ops_table(args: argparse.Namespace) -> None:
     """Operator calls and host reads of one training step of each variant, in this
     process, on the CPU with torch's kernels, as on a GPU (the CPU's compiled
-    fake-quant pass, which fuses some, is turned off; nothing is timed, so one process
-    holds every variant). The host reads include one per observer per step that only the
-    CPU makes (its non-finite warning; on a GPU the counter is read once an epoch)."""
+    fake-quant pass, which fuses some, is turned off, and SGD takes its multi-tensor
+    form, as it does for CUDA tensors; nothing is timed, so one process holds every
+    variant). The host reads include one per observer per step that only the CPU makes
+    (its non-finite warning; on a GPU the counter is read once an epoch), and one per
+    per-tensor fake quantization (the CPU kernel reads its "enabled" flag on the host,
+    the CUDA kernel on the device)."""
     os.environ["LIGHTNING_QAT_COMPILED_KERNELS"] = "0"
     widths, batch_size = _sizes(args)
     print(
         f"\nOperators called in one NIN training step, batch {batch_size}, torch's kernels "
-        "(as on a GPU)"
+        "and multi-tensor SGD (as on a GPU)"
     )
-    print("| variant | aten operators | ratio to FP32 | host reads |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| variant | aten operators | ratio to FP32 | operators with a kernel | ratio to FP32 "
+        "| host reads |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     base = None
     for name, build in _variants(args, widths).items():
-        step = make_step(build(), batch_size, bf16=args.bf16)
+        step = make_step(build(), batch_size, bf16=args.bf16, foreach=True)
         step()  # the first step starts learning, makes momentum, compiles kernels
         step()
-        operators, reads = operator_calls(step)
-        base = base or operators
-        print(f"| {name} | {operators} | {operators / base:.2f}x | {reads} |")
+        operators, kernels, reads = operator_calls(step)
+        base = base or (operators, kernels)
+        print(
+            f"| {name} | {operators} | {operators / base[0]:.2f}x | {kernels} "
+            f"| {kernels / base[1]:.2f}x | {reads} |"
+        )
 
 
 def live_tensor_peak(step: Callable[[], None]) -> int:

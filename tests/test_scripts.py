@@ -87,18 +87,23 @@ def test_qat_overhead_bench_counts_the_operators_a_step_calls():
         for line in out.splitlines()
         if line.startswith("| FP32") or line.startswith("| ours")
     }
-    assert rows["FP32"][1:] == ["1.00x", "0"], out
+    assert rows["FP32"][1] == rows["FP32"][3] == "1.00x" and rows["FP32"][4] == "0", out
     # per layer: observers, fake quantization, the fold and their backward
     assert int(rows["ours sym folded"][0]) > 3 * int(rows["FP32"][0]), out
-    assert int(rows["ours sym folded"][2]) > 0, out  # torch's per-channel range check
+    assert int(rows["ours sym folded"][2]) > 3 * int(rows["FP32"][2]), out
+    assert int(rows["FP32"][2]) <= int(rows["FP32"][0]), out  # views launch nothing
+    assert int(rows["ours sym folded"][4]) > 0, out  # torch's per-channel range check
 
 
-def test_operator_calls_counts_outer_operators_and_host_reads():
+def test_operator_calls_counts_outer_operators_kernels_and_host_reads():
     operator_calls = _bench_function("operator_calls")
     x = torch.ones(4)
     # three outer operators (add, sum, item: item's inner _local_scalar_dense is not
-    # counted) and one host read
-    assert operator_calls(lambda: (x + 1).sum().item()) == (3, 1)
+    # counted), each computing something, and one host read
+    assert operator_calls(lambda: (x + 1).sum().item()) == (3, 3, 1)
+    # views launch no kernel; a reshape that has to copy does (its inner clone)
+    assert operator_calls(lambda: x.view(2, 2).t().detach()) == (3, 0, 0)
+    assert operator_calls(lambda: x.view(2, 2).t().reshape(4)) == (3, 1, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
