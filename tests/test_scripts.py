@@ -188,13 +188,20 @@ def test_digits_demo_quantized_model_keeps_its_accuracy():
 
 def test_lowbit_protocol_rows_map_to_their_training_settings(tmp_path):
     """Each row's suffixes become overrides (``_kd``: distillation, ``_lowwd``: a quarter of
-    the weight decay); a row with results is skipped. ``PYTHON=echo`` prints the commands."""
+    the weight decay, ``_wdamp``: weight steps damped only); a row with results is skipped.
+    ``PYTHON=echo`` prints the commands."""
     (tmp_path / "fp32" / "checkpoints").mkdir(parents=True)
     (tmp_path / "fp32" / "results.json").write_text("{}")
     (tmp_path / "fp32" / "checkpoints" / "latest-epoch014.ckpt").write_text("")
     (tmp_path / "lowbit" / "w8a8_seed1").mkdir(parents=True)
     (tmp_path / "lowbit" / "w8a8_seed1" / "results.json").write_text("{}")
-    rows = ["w2a2_lsq_res8_full_lowwd_kd", "ptq_w4a4", "w8a8", "w4a4_lsq"]
+    rows = [
+        "w2a2_lsq_res8_full_lowwd_kd",
+        "ptq_w4a4",
+        "w8a8",
+        "w4a4_lsq",
+        "w4a4_lsq_res8_full_wdamp_kd",
+    ]
     out = subprocess.run(
         ["bash", "scripts/lowbit_protocol.sh", str(tmp_path), *rows],
         cwd=ROOT,
@@ -210,15 +217,23 @@ def test_lowbit_protocol_rows_map_to_their_training_settings(tmp_path):
         "w2a2_lsq_res8_full_lowwd_kd_seed1",
         "ptq_w4a4_seed1",
         "w4a4_lsq_seed1",
+        "w4a4_lsq_res8_full_wdamp_kd_seed1",
     }
     lowwd_kd = commands["w2a2_lsq_res8_full_lowwd_kd_seed1"].split()
     assert "quant=w2a2_lsq_res8_full" in lowwd_kd and "optimizer.weight_decay=1.25e-4" in lowwd_kd
     assert "module.distillation_weight=0.5" in lowwd_kd and "seed=1" in lowwd_kd
+    assert not any("damping" in a for a in lowwd_kd)
+    wdamp_kd = commands["w4a4_lsq_res8_full_wdamp_kd_seed1"].split()
+    assert "quant=w4a4_lsq_res8_full" in wdamp_kd and "quant.high_bits_damping=weights" in wdamp_kd
+    assert (
+        "module.distillation_weight=0.5" in wdamp_kd
+        and "module.distillation_temperature=1" in wdamp_kd
+    )
     ptq = commands["ptq_w4a4_seed1"].split()
     assert "recipe=resnet20_lowbit_ptq_cpu" in ptq and "quant=w4a4" in ptq
     plain = commands["w4a4_lsq_seed1"].split()
     assert "quant=w4a4_lsq" in plain and not any(
-        "weight_decay" in a or "distill" in a for a in plain
+        "weight_decay" in a or "distill" in a or "damping" in a for a in plain
     )
     assert out[-1] == f"-m lightning_qat.report {tmp_path}/lowbit"
 
