@@ -15,10 +15,9 @@
 # a quarter of the recipe's weight decay (1.25e-4: LSQ trains lower precisions with less
 # weight decay, Esser et al. 2019 section 3; README, "ResNet-20 at 8 to 2 bits"); a row
 # ending in _wdamp (before any _lowwd and _kd) damps the weight steps' gradients above 4
-# bits only (quant.high_bits_damping=weights); w4a4_lsq_res8_full_wdamp_kd is the best
-# W4A4 setting (README, "LSQ's full weight grid at 4 bits"); a row whose results.json
-# exists is skipped, so a stopped run resumes by
-# running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
+# bits only (quant.high_bits_damping=weights): w4a4_lsq_res8_wdamp_kd is the W4A4 setting
+# the README runs on every FP32 base; a row whose results.json exists is skipped, so a
+# stopped run resumes by running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
 # ROW_seedN (the FP32 checkpoint stays the one of the default seed); the report groups
 # the repeats.
 set -euo pipefail
@@ -37,7 +36,7 @@ fi
 checkpoint=$(ls "$out"/fp32/checkpoints/latest-epoch*.ckpt | tail -n 1)
 rows=("$@")
 if [ ${#rows[@]} -eq 0 ]; then
-  rows=(none w4a4_lsq_res8_full_wdamp_kd w4a4_lsq_res8 w2a2_lsq_res8_full_kd w2a2_lsq_res8_full w2a2_lsq_res8 w4a4_lsq_res8_undamped w4a4_lsq
+  rows=(none w4a4_lsq_res8_wdamp_kd w4a4_lsq_res8 w2a2_lsq_res8_full_kd w2a2_lsq_res8_full w2a2_lsq_res8 w4a4_lsq_res8_undamped w4a4_lsq
         w2a2_lsq w2a2 ptq_w4a4 ptq_w2a2 w4a4
         w3a3_lsq w3a3 ptq_w3a3 w4a8_lsq w4a8 ptq_w4a8 w8a8_lsq w8a8 ptq_w8a8)
 fi
