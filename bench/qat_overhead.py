@@ -381,9 +381,9 @@ def ops_table(args: argparse.Namespace) -> None:
     fake-quant pass, which fuses some, is turned off, and SGD takes its multi-tensor
     form, as it does for CUDA tensors; nothing is timed, so one process holds every
     variant). The host reads include one per observer per step that only the CPU makes
-    (its non-finite warning; on a GPU the counter is read once an epoch), and one per
-    per-tensor fake quantization (the CPU kernel reads its "enabled" flag on the host,
-    the CUDA kernel on the device)."""
+    (its non-finite warning; on a GPU the counter is read once an epoch) and the CPU
+    per-tensor fake-quant kernel's reads of its parameters (the CUDA kernel reads them on
+    the device); on a GPU only the per-channel kernel's zero-point range check waits."""
     os.environ["LIGHTNING_QAT_COMPILED_KERNELS"] = "0"
     widths, batch_size = _sizes(args)
     print(

@@ -17,9 +17,9 @@
 # ending in _wdamp (before any _lowwd and _kd) damps the weight steps' gradients above 4
 # bits only (quant.high_bits_damping=weights): w4a4_lsq_res8_wdamp_kd is the W4A4 setting
 # the README runs on every FP32 base; a row whose results.json exists is skipped, so a
-# stopped run resumes by running it again. SEED=N (default: the recipe's seed) trains every row with seed=N into
-# ROW_seedN (the FP32 checkpoint stays the one of the default seed); the report groups
-# the repeats.
+# stopped run resumes by running it again. SEED=N (default: the recipe's seed) trains
+# every row with seed=N into ROW_seedN (the FP32 checkpoint stays the one of the default
+# seed); the report groups the repeats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/resnet20_budget}

@@ -91,7 +91,7 @@ def test_qat_overhead_bench_counts_the_operators_a_step_calls():
     # per layer: observers, fake quantization, the fold and their backward
     assert int(rows["ours sym folded"][0]) > 3 * int(rows["FP32"][0]), out
     assert int(rows["ours sym folded"][2]) > 3 * int(rows["FP32"][2]), out
-    assert int(rows["FP32"][2]) <= int(rows["FP32"][0]), out  # views launch nothing
+    assert int(rows["FP32"][2]) < int(rows["FP32"][0]), out  # views launch nothing
     assert int(rows["ours sym folded"][4]) > 0, out  # torch's per-channel range check
 
 
