@@ -383,7 +383,8 @@ def ops_table(args: argparse.Namespace) -> None:
     variant). The host reads include one per observer per step that only the CPU makes
     (its non-finite warning; on a GPU the counter is read once an epoch) and the CPU
     per-tensor fake-quant kernel's reads of its parameters (the CUDA kernel reads them on
-    the device); on a GPU only the per-channel kernel's zero-point range check waits."""
+    the device): a GPU step reads nothing back (symmetric weight grids hand torch's
+    per-channel kernel a float zero point, which it does not range-check on the host)."""
     os.environ["LIGHTNING_QAT_COMPILED_KERNELS"] = "0"
     widths, batch_size = _sizes(args)
     print(

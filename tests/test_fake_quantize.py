@@ -145,3 +145,53 @@ def test_sqnr_is_about_6db_per_bit():
         values[bits] = sqnr_db(x, fq(x))
     assert 22 < values[8] - values[4] < 26  # 4 bits * 6.02 dB
     assert sqnr_db(x, x) == float("inf")
+
+
+def _host_reads(step) -> int:
+    """Values read back to the host while ``step()`` runs: each would wait for a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    return sum(1 for e in profiler.events() if e.name == "aten::_local_scalar_dense")
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+@pytest.mark.parametrize("narrow_range", [True, False])
+def test_symmetric_per_channel_weights_read_nothing_on_the_host_and_keep_their_codes(
+    learn_scale, narrow_range
+):
+    """The per-channel kernel gets a float zero point (0.0) on a symmetric grid: torch
+    then skips its host-side range check of an integer zero point, two reads per weight
+    quantizer per step, and the codes and gradients are those of the int32 zero point."""
+    config = QuantConfig(weight_bits=4, learn_scale=learn_scale, weight_narrow_range=narrow_range)
+    fq = FakeQuantize.for_weights(config, num_channels=8).train()
+    first = (torch.randn(8, 4, 3, 3) * 2).requires_grad_()
+    fq(first).sum().backward()  # the first step observes (and, LSQ, starts learning)
+    if not learn_scale:
+        fq.enable_observer(False)  # the observer's own non-finite check reads on the CPU
+    w = (first.detach() * 1.5).requires_grad_()  # beyond the grid: some elements clip
+    grad = torch.randn(8, 4, 3, 3)
+
+    def step():
+        fq(w).backward(grad)
+
+    assert _host_reads(step) == 0
+    w_ref = w.detach().clone().requires_grad_()
+    scale = fq.scale.detach()
+    int_zero_point = torch.zeros(8, dtype=torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(
+        w_ref, scale, int_zero_point, 0, fq.quant_min, fq.quant_max
+    )
+    ref.backward(grad)
+    assert torch.equal(fq(w.detach()), ref.detach())
+    assert torch.equal(w.grad, w_ref.grad)
+    assert 0 < (w.grad == 0).sum() < w.numel()  # some elements clipped, some not
+    assert _host_reads(lambda: fq_int_zero_point(w_ref, scale, int_zero_point, fq)) == 2
+
+
+def fq_int_zero_point(w, scale, zero_point, fq):
+    """The same kernel given the int32 zero point: torch's range check reads twice."""
+    return torch.fake_quantize_per_channel_affine(
+        w, scale, zero_point, 0, fq.quant_min, fq.quant_max
+    )

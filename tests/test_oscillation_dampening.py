@@ -153,6 +153,7 @@ def test_a_compiled_step_does_not_recompile_as_the_weight_ramps():
     model = prepare_qat(model, dataclasses.replace(LSQ_W4A4, oscillation_dampening=0.1)).train()
     x = torch.randn(4, 1, 8, 8)
     model(x)  # learning starts (eager)
+    torch._dynamo.reset()  # other tests' compilations of the same forward are not recompiles
     compiled = torch.compile(model)
     gradients = []
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -214,6 +214,16 @@ class FakeQuantize(nn.Module):
         self.quant_min, self.quant_max = quant_range(bits, symmetric, narrow_range)
         self.observe_in_eval = observe_in_eval
         self._register_qparams(observer.min_val.shape)
+        if symmetric:
+            # The zero point handed to torch's fused per-channel kernel: 0.0 as float.
+            # Given an integer zero point the kernel first checks its range on the host
+            # (``min(z).item()``, ``max(z).item()``: two waits for a GPU per weight per
+            # step); given a float one it skips the check, and ``round(x/s + 0.0)`` is
+            # ``round(x/s) + 0``: the same codes (tests/test_fake_quantize.py). Not in
+            # state_dict: it is always zero.
+            self.register_buffer(
+                "kernel_zero_point", torch.zeros(observer.min_val.shape), persistent=False
+            )
         self.fake_quant_enabled = True
         self.observer_enabled = True
         # When a dict, forward adds the number of elements it clipped and saw (the QAT
@@ -281,6 +291,11 @@ class FakeQuantize(nn.Module):
         """``(scale, zero_point)`` as the forward pass uses them (constants: no gradient)."""
         return self.scale, self.zero_point
 
+    def per_channel_zero_point(self) -> torch.Tensor:
+        """The zero point torch's per-channel kernel receives: ``kernel_zero_point`` (float
+        zeros, no host-side range check) on a symmetric grid, else ``zero_point``."""
+        return self.kernel_zero_point if self.symmetric else self.zero_point
+
     @torch.no_grad()
     def update_qparams(self) -> None:
         """Recompute ``scale`` and ``zero_point`` from the observer's range."""
@@ -316,7 +331,12 @@ class FakeQuantize(nn.Module):
         scale, zero_point = self.grid()
         if self.per_channel:
             out = torch.fake_quantize_per_channel_affine(
-                x32, scale, zero_point, self.ch_axis, self.quant_min, self.quant_max
+                x32,
+                scale,
+                self.per_channel_zero_point(),
+                self.ch_axis,
+                self.quant_min,
+                self.quant_max,
             )
         elif torch.is_grad_enabled() and x32.requires_grad:
             # over the ReLU's output when nothing else reads it (one allocation less;

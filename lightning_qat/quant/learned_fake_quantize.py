@@ -313,7 +313,7 @@ class LearnedScaleFakeQuantize(FakeQuantize):
             x32,
             self.scale,
             zero_point,
-            self.zero_point,
+            self.per_channel_zero_point() if self.per_channel else self.zero_point,
             self.ch_axis if self.per_channel else None,
             self.quant_min,
             self.quant_max,
