@@ -104,11 +104,13 @@ class _LearnedStepFakeQuant(torch.autograd.Function):
             flat = flat_in_memory_order
             g_flat, gx_flat = flat(grad), flat(grad_x)
             moved = torch.dot(g_flat, flat(out)) - torch.dot(gx_flat, flat(x))
-            clipped = g_flat.sum() - gx_flat.sum()
+            if ctx.has_zero_point:  # (a symmetric grid has no offset to learn)
+                clipped = g_flat.sum() - gx_flat.sum()
         else:  # weights: small
             dims = [d for d in range(x.dim()) if d != ctx.axis]
             moved = (grad * out - grad_x * x).sum(dim=dims)
-            clipped = (grad - grad_x).sum(dim=dims)
+            if ctx.has_zero_point:
+                clipped = (grad - grad_x).sum(dim=dims)
         grad_scale = (ctx.g * moved / s.reshape(-1)).reshape(scale.shape)
         grad_zero_point = None
         if ctx.has_zero_point:
