@@ -159,3 +159,25 @@ def test_compiled_folded_qat_on_cuda_steps_as_eager():
             # point's gradient is a sum with cancellation, its rounding absolute)
             difference = float((compiled[key] - grad).norm())
             assert difference < 1e-3 * float(grad.norm()) + 1e-6 * largest, (key, difference)
+
+
+@pytest.mark.parametrize("name", ["w8a8", "lsq-w4a4"])
+def test_a_training_step_on_cuda_reads_nothing_back_to_the_host(name):
+    """After the first step (calibration and LSQ's start read values on the host once),
+    a QAT training step launches its kernels without waiting for the GPU: no observer,
+    fake-quant kernel or fold reads a value back (`bench/qat_overhead.py --ops` counts
+    the reads the CPU makes; symmetric weight grids hand the per-channel kernel a float
+    zero point, which torch does not range-check on the host)."""
+    torch.manual_seed(0)
+    model = prepare_qat(ResNetCifar(depth=8, in_channels=1), CONFIGS[name]).cuda().train()
+    x = torch.randn(32, 1, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    nn.functional.cross_entropy(model(x), y).backward()  # observes, starts learning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
