@@ -178,20 +178,17 @@ def test_symmetric_per_channel_weights_read_nothing_on_the_host_and_keep_their_c
 
     assert _host_reads(step) == 0
     w_ref = w.detach().clone().requires_grad_()
-    scale = fq.scale.detach()
-    int_zero_point = torch.zeros(8, dtype=torch.int32)
-    ref = torch.fake_quantize_per_channel_affine(
-        w_ref, scale, int_zero_point, 0, fq.quant_min, fq.quant_max
-    )
+
+    def with_int_zero_point():  # torch's kernel given the int32 zero point
+        zero_point = torch.zeros(8, dtype=torch.int32)
+        scale = fq.scale.detach()
+        return torch.fake_quantize_per_channel_affine(
+            w_ref, scale, zero_point, 0, fq.quant_min, fq.quant_max
+        )
+
+    ref = with_int_zero_point()
     ref.backward(grad)
     assert torch.equal(fq(w.detach()), ref.detach())
     assert torch.equal(w.grad, w_ref.grad)
     assert 0 < (w.grad == 0).sum() < w.numel()  # some elements clipped, some not
-    assert _host_reads(lambda: fq_int_zero_point(w_ref, scale, int_zero_point, fq)) == 2
-
-
-def fq_int_zero_point(w, scale, zero_point, fq):
-    """The same kernel given the int32 zero point: torch's range check reads twice."""
-    return torch.fake_quantize_per_channel_affine(
-        w, scale, zero_point, 0, fq.quant_min, fq.quant_max
-    )
+    assert _host_reads(with_int_zero_point) == 2  # its range check: what the float one skips
